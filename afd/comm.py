@@ -1,0 +1,107 @@
+"""An emulated HCCL communication group: per-rank memory windows that one-sided writes land in."""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .errors import KernelError
+
+
+class Window(Protocol):
+    """One rank's window as a writer sees it: ordered one-sided puts, and reads for backpressure."""
+
+    size: int
+
+    def put_rows(self, offset: int, stride: int, index: np.ndarray, rows: np.ndarray) -> None:
+        """Write rows[i] at offset + index[i]*stride (bytes), in order."""
+
+    def put_i32(self, offset: int, index: np.ndarray, values) -> None:
+        """Write int32 values at offset + 4*index[i], after every earlier put to this window."""
+
+    def get_i32(self, offset: int, count: int) -> np.ndarray:
+        """Read `count` int32 at offset (a fresh copy)."""
+
+
+class LocalWindow:
+    """A window in this host's simulated device memory: puts are plain stores into shared memory."""
+
+    def __init__(self, device, address: int, size: int):
+        self.device, self.address, self.size = device, int(address), int(size)
+        self.bytes = device.view(self.address, self.size, field="window")
+
+    def put_rows(self, offset: int, stride: int, index: np.ndarray, rows: np.ndarray) -> None:
+        index = np.asarray(index, dtype=np.int64)
+        if index.size == 0:
+            return
+        width = rows.shape[1] * rows.dtype.itemsize
+        if offset < 0 or offset + int(index.max()) * stride + width > self.size or int(index.min()) < 0:
+            raise KernelError("window", f"write of {index.size} rows at offset {offset} stride {stride} "
+                                        f"runs past the {self.size}-byte window")
+        n_slots = (self.size - offset) // stride
+        slots = self.bytes[offset:offset + n_slots * stride].reshape(n_slots, stride)
+        slots[index, :width] = np.ascontiguousarray(rows).view(np.uint8).reshape(len(index), width)
+
+    def put_i32(self, offset: int, index: np.ndarray, values) -> None:
+        index = np.asarray(index, dtype=np.int64)
+        if index.size == 0:
+            return
+        if offset < 0 or offset + 4 * (int(index.max()) + 1) > self.size or int(index.min()) < 0:
+            raise KernelError("window", f"int32 write at offset {offset} index {int(index.max())} "
+                                        f"runs past the {self.size}-byte window")
+        ints = self.bytes[offset:offset + 4 * (int(index.max()) + 1)].view("<i4")
+        ints[index] = values
+
+    def get_i32(self, offset: int, count: int) -> np.ndarray:
+        return self.bytes[offset:offset + 4 * count].view("<i4").copy()
+
+    def i32(self, offset: int, count: int) -> np.ndarray:
+        """A live int32 view (local windows only): what spinning readers poll."""
+        return self.bytes[offset:offset + 4 * count].view("<i4")
+
+
+class Group:
+    """A named group of `world_size` ranks, each with a window; `notify(rank)` rings that rank's doorbell."""
+
+    def __init__(self, name: str, world_size: int, windows: dict[int, Window] | None = None,
+                 notify: Callable[[int], None] | None = None):
+        self.name = name
+        self.world_size = int(world_size)
+        self.windows: dict[int, Window] = dict(windows or {})
+        self._notify = notify
+
+    def window(self, rank: int) -> Window:
+        rank = int(rank)
+        if not 0 <= rank < self.world_size:
+            raise KernelError("rank", f"rank {rank} is outside group {self.name!r} of world_size {self.world_size}")
+        win = self.windows.get(rank)
+        if win is None:
+            raise KernelError("rank", f"group {self.name!r} has no window for rank {rank}")
+        return win
+
+    def notify(self, rank: int) -> None:
+        """Tell rank that its window changed: a wake-up only, the window is the truth."""
+        if self._notify is not None:
+            self._notify(int(rank))
+
+
+_groups: dict[str, Group] = {}
+
+
+def register(group: Group) -> Group:
+    _groups[group.name] = group
+    return group
+
+
+def unregister(name: str) -> None:
+    _groups.pop(name, None)
+
+
+def resolve(group: Group | str) -> Group:
+    """The Group for a name (as ops receive it) or the Group itself."""
+    if isinstance(group, Group):
+        return group
+    found = _groups.get(group)
+    if found is None:
+        raise KernelError("group", f"no communication group named {group!r} is registered in this process")
+    return found
