@@ -7,7 +7,7 @@ import numpy as np
 
 from . import aclrt
 from . import device as _device
-from .errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, ACLNN_SUCCESS, KernelError
+from .errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, ACLNN_SUCCESS, AfdError, KernelError
 from .layout import ScheduleContext
 from .ops._polling import Idle, sched_yield
 from .ops.attention_worker_scheduler import attention_worker_scheduler_
@@ -26,7 +26,7 @@ def aclCreateTensor(shape, data_type: int, device_address: int) -> np.ndarray:
     """A contiguous ND tensor over device memory: a numpy view of `prod(shape)` elements at `device_address`."""
     dtype = _ACL_DTYPES.get(data_type)
     if dtype is None:
-        raise KernelError("data_type", f"unsupported aclDataType {data_type}; the simulator knows {sorted(_ACL_DTYPES)}")
+        raise AfdError("data_type", f"unsupported aclDataType {data_type}; the simulator knows {sorted(_ACL_DTYPES)}")
     shape = tuple(int(s) for s in shape)
     count = int(np.prod(shape)) if shape else 1
     return _device.current().view(device_address, count * np.dtype(dtype).itemsize, dtype,

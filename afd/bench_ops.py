@@ -133,7 +133,8 @@ def format_report(result: dict) -> str:
     if "skipped" in c:
         lines.append(f"combine         {c['skipped']}  SKIP")
     else:
-        lines.append(f"combine         BS={c['bs']} K={c['k']}+1 H={c['hidden']} {c['dtype']} ({c['bytes'] / 1e6:.1f} MB): "
+        lines.append(f"combine         BS={c['bs']} K={c['k']}+1 H={c['hidden']} {c['dtype']} "
+                     f"({c['bytes'] / 1e6:.1f} MB): "
                      f"{c['combine_ms']:.3f} ms vs read-only {c['read_only_ms']:.3f} ms = {c['ratio']:.2f}x "
                      f"(copy {c['copy_ms']:.3f} ms) "
                      f"(target <= {c['target_ratio']:.0f}x)  {_verdict(c['pass'])}")

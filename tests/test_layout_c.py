@@ -114,7 +114,8 @@ def _program() -> str:
     for name, _, _ in _fields(include_reserved=True):
         lines.append(f'    printf("{name} %zu %zu\\n", offsetof(ScheduleContext, {name}), '
                      f'sizeof(((ScheduleContext*)0)->{name}));')
-    lines.append('    printf("reserve6 %zu %zu\\n", offsetof(ScheduleContext, reserve6), sizeof(((ScheduleContext*)0)->reserve6));')
+    lines.append('    printf("reserve6 %zu %zu\\n", offsetof(ScheduleContext, reserve6), '
+                 'sizeof(((ScheduleContext*)0)->reserve6));')
     lines += ["    return 0;", "  }",
               "  ScheduleContext ctx;",
               "  if (!strcmp(argv[1], \"fill\")) {",
