@@ -1,0 +1,74 @@
+"""`afd run`: run the pipeline on a config (or the built-in default), show progress and a summary, write the report."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..runtime.pipeline import Pipeline, write_report
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the pipeline (built-in default when no CONFIG is given)")
+    p.add_argument("config", nargs="?", help="a YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set micro_batch_num=3")
+    p.add_argument("--steps", type=int, help="decode steps to run")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here (whatever the outcome)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=main)
+
+
+def summary_table(result) -> Table:
+    table = Table(title=f"afd run: {result.config.name}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    c = result.config
+    table.add_row("outcome", f"{result.outcome}" + (f" ({result.reason})" if result.reason else ""))
+    table.add_row("shape", f"A={c.sessions} F={c.ffn_ranks} M={c.micro_batch_num} BS={c.micro_batch_size} "
+                           f"K={c.top_k}+1 H={c.hidden_size} L={c.layers} {c.token_dtype} {c.expert_kind} {c.mode}")
+    table.add_row("steps", f"{result.steps} / {c.steps}")
+    table.add_row("micro-batches", str(result.micro_batches))
+    table.add_row("micro-batch layers", str(result.micro_batch_layers))
+    table.add_row("run time", f"{result.run_s:.3f} s")
+    table.add_row("micro-batches per second", f"{result.micro_batches_per_s:.1f}")
+    table.add_row("micro-batch layers per second", f"{result.micro_batch_layers_per_s:.1f}")
+    for name, p in result.hops_us.items():
+        if p:
+            table.add_row(f"latency {name}", f"p50 {p['p50']:.1f} us  p99 {p['p99']:.1f} us  (n={p['n']})")
+    match = result.outputs_match_reference
+    table.add_row("outputs match reference", "not checked" if match is None else
+                  ("yes" if match else f"NO ({len(result.mismatches)} differ)") + f" ({result.compared} compared)")
+    if result.failure:
+        table.add_row("failure", str(result.failure))
+    bad = {r: v for r, v in result.roles.items() if v["exit_code"] != 0}
+    table.add_row("roles", f"{len(result.roles)} processes" + (f", non-zero exits: {bad}" if bad else ", all exit 0"))
+    return table
+
+
+def main(args) -> int:
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    console = Console(stderr=True)
+    pipeline = Pipeline(args.config, overrides)
+    show = not args.quiet and console.is_terminal
+    with pipeline:
+        if show:
+            progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("micro-batch layers"), TimeElapsedColumn(), console=console,
+                                transient=True)
+            task = progress.add_task(pipeline.cfg.name, total=None)
+            pipeline.on_progress = lambda done, total: progress.update(task, completed=done, total=total)
+            with progress:
+                result = pipeline.wait()
+        else:
+            result = pipeline.wait()
+    if args.report:
+        write_report(result, args.report)
+    Console().print(summary_table(result))
+    if result.exit_code:
+        print(f"afd: run {result.outcome}: {result.reason}", file=sys.stderr)
+    return result.exit_code

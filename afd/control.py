@@ -1,0 +1,102 @@
+"""The ZeroMQ control plane's wire format and socket setup: typed two-frame messages, endpoints, run discovery."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import zmq
+
+# Message kinds. role -> controller: register, heartbeat, done, report, failure.
+# controller -> role (pub): start, stop, tick, fault. controller -> role (direct): welcome.
+# launcher/afd stop -> controller: stop, inject, role_died, status. controller -> launcher: progress, result.
+KINDS = frozenset({"register", "heartbeat", "done", "report", "failure", "welcome", "start", "stop", "tick",
+                   "fault", "inject", "role_died", "progress", "result", "status", "status_reply", "ack"})
+MAX_PAYLOAD = 64 << 20
+
+
+class MalformedMessage(ValueError):
+    """A message that does not parse: dropped and counted, never fatal."""
+
+
+def encode(kind: str, payload: dict | None = None) -> list[bytes]:
+    return [kind.encode(), json.dumps(payload or {}, separators=(",", ":")).encode()]
+
+
+def decode(frames: list[bytes]) -> tuple[str, dict]:
+    if len(frames) != 2:
+        raise MalformedMessage(f"expected 2 frames, got {len(frames)}")
+    try:
+        kind = frames[0].decode()
+    except UnicodeDecodeError:
+        raise MalformedMessage("kind is not text") from None
+    if kind not in KINDS:
+        raise MalformedMessage(f"unknown kind {kind[:32]!r}")
+    if len(frames[1]) > MAX_PAYLOAD:
+        raise MalformedMessage("payload too large")
+    try:
+        payload = json.loads(frames[1])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MalformedMessage("payload is not JSON") from None
+    if not isinstance(payload, dict):
+        raise MalformedMessage("payload is not an object")
+    return kind, payload
+
+
+def socket(ctx: zmq.Context, kind: int, **options) -> zmq.Socket:
+    """A socket with linger 0 (so close/term never hang) and the given options."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name.upper()), value)
+    return sock
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind, resolving tcp port 0 / '*' to the real endpoint."""
+    if endpoint.startswith("tcp://") and (endpoint.endswith(":0") or endpoint.endswith(":*")):
+        host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
+    sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def ipc_path(endpoint: str) -> str | None:
+    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+
+
+# -- run discovery: `afd stop` with no endpoint finds runs through these directories ----------------
+def runs_root() -> Path:
+    return Path(os.environ.get("AFD_RUN_DIR") or os.path.join(tempfile.gettempdir(), "afd-runs"))
+
+
+def make_run_dir(namespace: str) -> Path:
+    root = runs_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = root / namespace
+    path.mkdir(mode=0o700)
+    return path
+
+
+def write_run_info(run_dir: Path, info: dict) -> None:
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(run_dir / "run.json")
+
+
+def live_runs() -> list[dict]:
+    """Runs on this machine whose launcher is still alive (stale directories are ignored)."""
+    out = []
+    root = runs_root()
+    if not root.is_dir():
+        return out
+    for info_file in sorted(root.glob("*/run.json")):
+        try:
+            info = json.loads(info_file.read_text())
+            os.kill(int(info["pid"]), 0)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            continue
+        out.append(info)
+    return out

@@ -1,0 +1,144 @@
+"""The numbers that flow: inputs, attention, gate, experts, and a single-process reference forward with the same casts."""
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+
+import ml_dtypes
+import numpy as np
+
+from .config import Config
+
+DTYPES = {"fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
+GATE_FEATURES = 64  # the gate reads the first 64 features: cheap, still data-dependent routing
+
+_SEED_INPUT, _SEED_ATTN, _SEED_GATE, _SEED_EXPERT = 11, 13, 17, 19
+
+
+def combine_reference(data: np.ndarray, scales: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """y = cast(sum_k f32(scale_k) * f32(data_k) + f32(data_K)), summed over k in order as each core does."""
+    acc = np.zeros(data.shape[0:1] + data.shape[2:], dtype=np.float32)
+    for k in range(scales.shape[1]):
+        acc += scales[:, k:k + 1].astype(np.float32) * data[:, k].astype(np.float32)
+    acc += data[:, scales.shape[1]].astype(np.float32)
+    return acc.astype(dtype)
+
+
+def digest(y: np.ndarray) -> int:
+    """A 32-bit fingerprint of one micro-batch output (its bytes)."""
+    return zlib.crc32(np.ascontiguousarray(y).view(np.uint8)) & 0xFFFFFFFF
+
+
+class Model:
+    """Deterministic weights and inputs for a config; every process that builds one sees the same numbers."""
+
+    def __init__(self, config: Config):
+        self.cfg = config
+        self.dtype = DTYPES[config.token_dtype]
+        self._cache: dict = {}
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, *key])
+
+    def _memo(self, key, make):
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def base_input(self, session: int, micro_batch: int) -> np.ndarray:
+        def make():
+            c = self.cfg
+            x = self._rng(_SEED_INPUT, session, micro_batch).uniform(-1, 1, (c.micro_batch_size, c.hidden_size))
+            x[c.valid_tokens:] = 0  # padded rows of a masked micro-batch
+            return x.astype(self.dtype)
+        return self._memo(("input", session, micro_batch), make)
+
+    def input(self, step: int, session: int, micro_batch: int) -> np.ndarray:
+        """Layer-0 hidden states of one micro-batch at one decode step (fresh each step, so values stay bounded)."""
+        return np.roll(self.base_input(session, micro_batch), step, axis=1)
+
+    # -- attention side ----------------------------------------------------------------------------
+    def attention(self, layer: int, h: np.ndarray) -> np.ndarray:
+        w = self._memo(("attn", layer), lambda: self._rng(_SEED_ATTN, layer).uniform(
+            0.5, 1.5, self.cfg.hidden_size).astype(np.float32))
+        return np.tanh(h.astype(np.float32) * w).astype(self.dtype)
+
+    def gate(self, layer: int, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K routed expert ids (BS, K) int32 and their softmax scales (BS, K) float32."""
+        c = self.cfg
+        g = min(GATE_FEATURES, c.hidden_size)
+        w = self._memo(("gate", layer), lambda: self._rng(_SEED_GATE, layer).standard_normal(
+            (g, c.routed_experts)).astype(np.float32))
+        logits = a[:, :g].astype(np.float32) @ w
+        ids = np.argsort(-logits, axis=1, kind="stable")[:, :c.top_k].astype(np.int32)
+        sel = np.take_along_axis(logits, ids, axis=1)
+        e = np.exp(sel - sel.max(axis=1, keepdims=True))
+        scales = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        scales[c.valid_tokens:] = 0
+        return ids, scales
+
+    def residual(self, h: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (h.astype(np.float32) + y.astype(np.float32)).astype(self.dtype)
+
+    # -- experts ---------------------------------------------------------------------------------
+    def expert_param(self, layer: int, expert: int):
+        c = self.cfg
+        if c.expert_kind == "scale":
+            return self._memo(("expert", layer, expert), lambda: np.float32(
+                self._rng(_SEED_EXPERT, layer, expert).uniform(0.5, 1.5)))
+        return self._memo(("expert", layer, expert), lambda: self._rng(_SEED_EXPERT, layer, expert).standard_normal(
+            (c.hidden_size, c.hidden_size)) / np.sqrt(c.hidden_size))
+
+    def expert(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """One expert on rows x (n, H). `linear` accumulates in float64 so row grouping cannot change the result."""
+        p = self.expert_param(layer, expert)
+        if self.cfg.expert_kind == "scale":
+            return (x.astype(np.float32) * p).astype(self.dtype)
+        return (x.astype(np.float64) @ p).astype(self.dtype)
+
+    # -- reference ---------------------------------------------------------------------------------
+    def layer(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """One layer of one micro-batch in a single process: attention, gate, experts, combine."""
+        c = self.cfg
+        a = self.attention(layer, h)
+        ids, scales = self.gate(layer, a)
+        n = c.valid_tokens
+        data = np.zeros((c.micro_batch_size, c.selected, c.hidden_size), dtype=self.dtype)
+        for e in np.unique(ids[:n]):
+            rows, ks = np.nonzero(ids[:n] == e)
+            data[rows, ks] = self.expert(layer, int(e), a[rows])
+        data[:n, c.top_k] = self.expert(layer, c.routed_experts, a[:n])
+        return combine_reference(data, scales, self.dtype)
+
+    def forward(self, step: int, session: int, micro_batch: int) -> np.ndarray:
+        """The step output of one micro-batch: the last layer's combine output (valid rows only)."""
+        h = self.input(step, session, micro_batch)
+        y = None
+        for layer in range(self.cfg.layers):
+            if layer:
+                h = self.residual(h, y)
+            y = self.layer(layer, h)
+        return y[:self.cfg.valid_tokens]
+
+
+@lru_cache(maxsize=4)
+def _reference_cached(config_json: str) -> tuple[np.ndarray, dict]:
+    cfg = Config.model_validate_json(config_json)
+    model = Model(cfg)
+    digests = np.zeros((cfg.steps, cfg.sessions, cfg.micro_batch_num), dtype=np.uint32)
+    finals = {}
+    for t in range(cfg.steps):
+        for s in range(cfg.sessions):
+            for m in range(cfg.micro_batch_num):
+                y = model.forward(t, s, m)
+                digests[t, s, m] = digest(y)
+                if t == cfg.steps - 1:
+                    finals[(s, m)] = y
+    return digests, finals
+
+
+def reference(config: Config) -> tuple[np.ndarray, dict]:
+    """Digests [steps, A, M] of every step output, and the final outputs {(s, m): (valid, H)}, computed in-process."""
+    return _reference_cached(config.model_dump_json())

@@ -1,0 +1,51 @@
+"""Attention combine combine<s>: attention_worker_combine for each micro-batch the scheduler released (or polls itself, fused)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import KernelError
+from ..model import digest
+from ..ops.attention_worker_combine import attention_worker_combine
+from ..runtime.memory import COMBINE_DONE, SCHED_DONE
+from ._schedule import total_units, unit
+
+
+def body(rt) -> None:
+    cfg, mem = rt.cfg, rt.mem
+    s = int(rt.role[len("combine"):])
+    ctx = mem.attention_context(s)
+    rt.watched_run_flags = [ctx.i32[32:33]]
+    stream = mem.stream(s)
+    counters = stream.counters
+    digests, outputs = mem.digests(), mem.outputs()
+    fused = cfg.fuse_scheduler
+    valid = cfg.valid_tokens
+    hop_ns = rt.metrics.setdefault("flag_hop_ns", [])
+    for i in range(total_units(cfg)):
+        t, layer, m = unit(cfg, i)
+        rt.at(t, layer, m)
+        if not fused:
+            rt.wait_until(lambda: counters[SCHED_DONE] > i, "attention_worker_scheduler_", m)
+            if ctx.attention.micro_batch_id != m:  # the protocol needs strict round-robin order
+                raise KernelError("attention.micro_batch_id",
+                                  f"is {ctx.attention.micro_batch_id}, expected {m} (round-robin order broken)")
+        with rt.op("attention_worker_combine"):
+            y, _ = attention_worker_combine(ctx, stream.scales[m], np.array([layer], np.int32), cfg.hidden_size,
+                                            token_dtype=mem.token_dtype_code, need_schedule=int(fused),
+                                            idle=rt.idle)
+        if fused:
+            last_flag = int(stream.f2a_last_flag_ns[:, m].max())
+            if last_flag:
+                hop_ns.append(time.monotonic_ns() - last_flag)
+        stream.y[m] = y
+        if layer == cfg.layers - 1:
+            outputs[s, m] = y
+            digests[t, s, m] = (1 << 32) | digest(y[:valid])
+        counters[COMBINE_DONE] = i + 1
+        rt.ring(f"attn{s}")
+        if not fused:
+            rt.ring(f"sched{s}")
+        rt.progressed()
+    rt.send("done", {"role": rt.role})

@@ -1,0 +1,48 @@
+"""Attention worker attn<s>: attention + gate for each micro-batch in round-robin order, then attention_to_ffn."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model import Model
+from ..ops.attention_to_ffn import attention_to_ffn
+from ..runtime.memory import A2F_DONE, COMBINE_DONE
+from ._schedule import total_units, unit
+
+
+def body(rt) -> None:
+    cfg, mem = rt.cfg, rt.mem
+    s = int(rt.role[len("attn"):])
+    model = Model(cfg)
+    ctx = mem.attention_context(s)
+    rt.watched_run_flags = [ctx.i32[32:33]]
+    stream = mem.stream(s)
+    counters = stream.counters
+    group = mem.group(notify=lambda rank: rt.ring(f"ffn{rank}"))
+    table = mem.expert_rank_table()
+    M, BS, K1, H = cfg.micro_batch_num, cfg.micro_batch_size, cfg.selected, cfg.hidden_size
+    ffn_shapes = dict(ffn_token_info_table_shape=[cfg.sessions, M, 2 + BS * K1],
+                      ffn_token_data_shape=[cfg.sessions, M, BS, K1, cfg.token_bytes // cfg.itemsize],
+                      attn_token_info_table_shape=[M, BS, K1])
+    mask = None if cfg.valid_tokens == BS else (np.arange(BS) < cfg.valid_tokens)[None, :]
+    sync_flag = 0 if cfg.mode == "sync" else 1
+    layer_input: dict[int, np.ndarray] = {}
+    for i in range(total_units(cfg)):
+        t, layer, m = unit(cfg, i)
+        rt.at(t, layer, m)
+        if i >= M:  # this micro-batch's previous layer pass must have been combined
+            rt.wait_until(lambda: counters[COMBINE_DONE] >= i - M + 1, "attention_worker_combine output", m)
+        h = model.input(t, s, m) if layer == 0 else model.residual(layer_input[m], stream.y[m])
+        layer_input[m] = h
+        with rt.op("attention"):
+            a = model.attention(layer, h)
+            ids, scales = model.gate(layer, a)
+        stream.scales[m] = scales  # read by combine<s> for this micro-batch
+        stream.expert_ids[m] = ids  # read by watchdogs to name a missing expert
+        with rt.op("attention_to_ffn"):
+            attention_to_ffn(a[None], np.array([s], np.int32), np.array([m], np.int32),
+                             np.array([layer], np.int32), ids[None], table, active_mask=mask, group=group,
+                             world_size=cfg.world_size, moe_expert_num=cfg.routed_experts, sync_flag=sync_flag,
+                             ffn_start_rank_id=0, rank=cfg.attention_rank(s), idle=rt.idle, **ffn_shapes)
+        counters[A2F_DONE] = i + 1
+        rt.progressed()
+        rt.service()

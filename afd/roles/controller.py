@@ -1,0 +1,216 @@
+"""The controller: registers roles, starts them together, watches heartbeats, stops the run through run_flag=0."""
+from __future__ import annotations
+
+import os
+import time
+
+import zmq
+
+from .. import control
+from ..config import Config
+from ..runtime.memory import STATUS, RunMemory
+
+TICK_S = 0.1
+
+
+class Controller:
+    """ROUTER for register/heartbeat/report/stop, XPUB for start/stop/tick; one per run."""
+
+    def __init__(self, config: Config, plan: dict, endpoint: str, pub_endpoint: str, launcher_pid: int | None):
+        self.cfg, self.plan = config, plan
+        self.expected = [r for r in plan["roles"] if r != "controller"]
+        self.launcher_pid = launcher_pid
+        self.zctx = zmq.Context()
+        self.router = control.socket(self.zctx, zmq.ROUTER, router_mandatory=0)
+        self.endpoint = control.bind(self.router, endpoint)
+        self.pub = control.socket(self.zctx, zmq.XPUB, xpub_verbose=1)
+        self.pub_endpoint = control.bind(self.pub, pub_endpoint)
+        self.mem = RunMemory.attach(config, plan)
+        self.registered: dict[str, dict] = {}
+        self.last_seen: dict[str, float] = {}
+        self.subscriptions = 0
+        self.reports: dict[str, dict] = {}
+        self.done: set[str] = set()
+        self.phase = "joining"
+        self.outcome = None
+        self.reason = ""
+        self.failure: dict | None = None
+        self.malformed = 0
+        self.unknown_senders = 0
+        self.started_at = None
+        self.stop_at = None
+        self.in_flight = None
+        self.pending_faults: list = []
+
+    def broadcast(self, kind: str, payload: dict | None = None) -> None:
+        self.pub.send_multipart(control.encode(kind, payload))
+
+    def reply(self, identity: bytes, kind: str, payload: dict | None = None) -> None:
+        try:
+            self.router.send_multipart([identity] + control.encode(kind, payload), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # -- the run's end ---------------------------------------------------------------------------------
+    def begin_stop(self, outcome: str, reason: str, failure: dict | None = None) -> None:
+        if self.phase == "stopping":
+            return
+        self.in_flight = self.snapshot()
+        self.mem.stop_all()  # the truth: every poll re-reads run_flag
+        self.broadcast("stop", {"reason": reason})  # the wake-up
+        self.outcome, self.reason, self.failure = outcome, reason, failure
+        self.phase = "stopping"
+        self.stop_at = time.monotonic()
+
+    def snapshot(self) -> dict:
+        """Step, layer and micro-batch each role had in flight (from the shared status table)."""
+        table = self.mem.status()
+        out = {}
+        for role, i in self.mem.role_index.items():
+            row = table[i]
+            out[role] = {"step": int(row[STATUS["step"]]), "layer": int(row[STATUS["layer"]]),
+                         "micro_batch": int(row[STATUS["micro_batch"]]), "progress": int(row[STATUS["progress"]])}
+        return out
+
+    def progress(self) -> tuple[int, int]:
+        table = self.mem.status()
+        done = sum(int(table[self.mem.role_index[f"combine{s}"]][STATUS["progress"]]) for s in range(self.cfg.sessions))
+        total = self.cfg.sessions * self.cfg.steps * self.cfg.layers * self.cfg.micro_batch_num
+        return done, total
+
+    # -- messages --------------------------------------------------------------------------------------
+    def on_router(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self.malformed += 1
+            return
+        identity, body = frames[0], frames[1:]
+        try:
+            kind, payload = control.decode(body)
+        except control.MalformedMessage:
+            self.malformed += 1
+            return
+        sender = identity.decode(errors="replace")
+        if kind == "register":
+            role = payload.get("role")
+            if role not in self.expected or role != sender:
+                self.unknown_senders += 1
+                return
+            self.registered[role] = payload
+            self.last_seen[role] = time.monotonic()
+            self.reply(identity, "welcome", {"pub": self.pub_endpoint, "config": self.cfg.model_dump(mode="json"),
+                                             "plan": self.plan})
+        elif kind == "heartbeat":
+            if sender in self.registered:
+                self.last_seen[sender] = time.monotonic()
+            else:
+                self.unknown_senders += 1
+        elif kind == "done":
+            if sender in self.registered:
+                self.done.add(sender)
+        elif kind == "report":
+            if sender in self.registered:
+                self.reports[sender] = payload
+                self.last_seen[sender] = time.monotonic()
+                if payload.get("outcome") == "failed" and self.phase != "stopping":
+                    err = payload.get("error", {})
+                    self.begin_stop("failed", f"{sender} failed: {err.get('message', '?')}",
+                                    {"role": sender, "kind": "error", "error": err})
+        elif kind == "stop":
+            if sender == "launcher" or payload.get("token") == self.plan.get("token"):
+                self.reply(identity, "ack", {"phase": self.phase})
+                self.begin_stop("stopped", payload.get("reason", f"stop requested by {sender}"))
+            else:
+                self.unknown_senders += 1  # an unauthenticated stop is refused
+        elif kind == "role_died" and sender == "launcher":
+            role = payload.get("role")
+            self.begin_stop("failed", f"{role} exited unexpectedly (exit code {payload.get('exitcode')})",
+                            {"role": role, "kind": "died", "exitcode": payload.get("exitcode")})
+        elif kind == "status":
+            done, total = self.progress()
+            self.reply(identity, "status_reply", {"phase": self.phase, "done": done, "total": total})
+        else:
+            self.unknown_senders += 1
+
+    def on_pub(self, frames: list[bytes]) -> None:
+        if frames and frames[0][:1] == b"\x01":
+            self.subscriptions += 1
+
+    # -- main loop -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
+        join_deadline = time.monotonic() + self.cfg.start_timeout_s
+        next_tick = next_progress = 0.0
+        while True:
+            for sock, _ in poller.poll(20):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    (self.on_router if sock is self.router else self.on_pub)(frames)
+            now = time.monotonic()
+            if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+                self.mem.stop_all()
+                self.broadcast("stop", {"reason": "launcher gone"})
+                return 3
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                self.broadcast("tick")
+            if self.phase == "joining":
+                if len(self.registered) == len(self.expected) and self.subscriptions >= len(self.expected):
+                    self.started_at = now
+                    self.phase = "running"
+                    self.broadcast("start", {"doorbells": {r: p["doorbell"] for r, p in self.registered.items()},
+                                             "faults": self.pending_faults})
+                elif now > join_deadline:
+                    missing = sorted(set(self.expected) - set(self.registered))
+                    self.begin_stop("failed", f"roles did not join within {self.cfg.start_timeout_s}s: {missing}",
+                                    {"role": ",".join(missing), "kind": "join"})
+            elif self.phase == "running":
+                combines = {f"combine{s}" for s in range(self.cfg.sessions)}
+                if combines <= self.done:
+                    self.begin_stop("completed", "all steps completed")
+                else:
+                    self.check_liveness(now)
+                    if now - self.started_at > self.cfg.run_timeout_s:
+                        self.begin_stop("failed", f"run exceeded run_timeout_s={self.cfg.run_timeout_s}",
+                                        {"role": "controller", "kind": "timeout"})
+            if self.phase != "joining" and now >= next_progress:
+                next_progress = now + 0.2
+                done, total = self.progress()
+                self.reply(b"launcher", "progress", {"done": done, "total": total, "phase": self.phase})
+            if self.phase == "stopping":
+                alive = set(self.registered) - set(self.reports)
+                if not alive or now - self.stop_at > 1.5:
+                    self.finish()
+                    return 0
+
+    def check_liveness(self, now: float) -> None:
+        for role in self.expected:
+            seen = self.last_seen.get(role)
+            if seen is not None and role not in self.reports and now - seen > self.cfg.hang_timeout_s:
+                self.begin_stop("failed", f"{role} stopped heartbeating for {now - seen:.1f}s (hung)",
+                                {"role": role, "kind": "hang", "silent_s": round(now - seen, 3)})
+                return
+
+    def finish(self) -> None:
+        done, total = self.progress()
+        self.reply(b"launcher", "result", {
+            "outcome": self.outcome, "reason": self.reason, "failure": self.failure, "in_flight": self.in_flight,
+            "reports": self.reports, "done": done, "total": total, "malformed": self.malformed,
+            "unknown_senders": self.unknown_senders,
+            "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0})
+
+    def close(self) -> None:
+        self.zctx.destroy(linger=200)
+        self.mem.device.close()
+
+
+def main(config: Config, plan: dict, endpoint: str, pub_endpoint: str, launcher_pid: int | None) -> int:
+    controller = Controller(config, plan, endpoint, pub_endpoint, launcher_pid)
+    try:
+        return controller.run()
+    finally:
+        controller.close()

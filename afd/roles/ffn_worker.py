@@ -1,0 +1,89 @@
+"""FFN worker ffn<f>: ffn_worker_scheduler_ + ffn_worker_batching + experts + ffn_to_attention, until run_flag is 0."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..model import Model
+from ..ops.ffn_to_attention import ffn_to_attention
+from ..ops.ffn_worker_batching import ffn_worker_batching
+from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
+
+
+class StampedWindow:
+    """An attention window that records, just before F2A's flag stores, when they were written (for hop latency)."""
+
+    def __init__(self, window, stamps: np.ndarray, flags_per_micro_batch: int):
+        self.window, self.stamps, self.per_mb = window, stamps, flags_per_micro_batch
+        self.size = window.size
+
+    def put_rows(self, offset, stride, index, rows):
+        self.window.put_rows(offset, stride, index, rows)
+
+    def put_i32(self, offset, index, values):
+        if offset == 0:  # the flags region: stamp before the stores so a reader never sees flags without it
+            self.stamps[np.unique(np.asarray(index) // self.per_mb)] = time.monotonic_ns()
+        self.window.put_i32(offset, index, values)
+
+    def get_i32(self, offset, count):
+        return self.window.get_i32(offset, count)
+
+
+def body(rt) -> None:
+    cfg, mem = rt.cfg, rt.mem
+    f = int(rt.role[len("ffn"):])
+    model = Model(cfg)
+    ctx = mem.ffn_context(f)
+    rt.watched_run_flags = [ctx.i32[32:33]]
+    A, F, M, BS, K1, H = (cfg.sessions, cfg.ffn_ranks, cfg.micro_batch_num, cfg.micro_batch_size, cfg.selected,
+                          cfg.hidden_size)
+
+    def notify(rank: int) -> None:
+        s = rank - F
+        rt.ring(f"combine{s}" if cfg.fuse_scheduler else f"sched{s}")
+
+    group = mem.group(notify=notify)
+    for s in range(A):
+        rank = cfg.attention_rank(s)
+        group.windows[rank] = StampedWindow(group.windows[rank], mem.stream(s).f2a_last_flag_ns[f], BS * K1)
+    local = cfg.experts_on(f)
+    expert_num = max(1, len(local)) * cfg.layers
+    sync_group_size = A if cfg.mode == "sync" else 1
+    attn_rank_table = np.arange(F, F + A, dtype=np.int32)
+    ffn_hop = rt.metrics.setdefault("ffn_ns", [])
+    while True:
+        with rt.op("ffn_worker_scheduler_"):
+            ffn_worker_scheduler_(ctx, sync_group_size, idle=rt.idle)
+        t0 = time.monotonic_ns()
+        out_num = ctx.ffn.out_num
+        if out_num == 0:
+            if ctx.run_flag == 0:
+                return  # stopped: the scheduler returned OK without work
+            continue
+        sessions = mem.device.view(ctx.ffn.session_ids_buf, 4 * out_num, np.int32, field="ffn.session_ids_buf")
+        for s in sessions.tolist():  # the headers are consumed: A2F backpressure on them is released
+            rt.ring(f"attn{s}")
+        layers = mem.device.view(ctx.ffn.layer_ids_buf, 4 * out_num, np.int32, field="ffn.layer_ids_buf")
+        mbs = mem.device.view(ctx.ffn.micro_batch_ids_buf, 4 * out_num, np.int32, field="ffn.micro_batch_ids_buf")
+        rt.at(-1, int(layers[0]), int(mbs[0]))
+        with rt.op("ffn_worker_batching"):
+            batch = ffn_worker_batching(ctx, expert_num, [A, BS, K1, H], token_dtype=mem.token_dtype_code,
+                                        need_schedule=0)
+        n = int(batch.actual_token_num[0])
+        out = np.empty((n, H), dtype=model.dtype)
+        with rt.op("experts"):
+            start = 0
+            for local_id, count in batch.group_list.tolist():
+                if count == 0:
+                    break
+                layer, j = divmod(int(local_id), max(1, len(local)))
+                out[start:start + count] = model.expert(layer, local[j], batch.y[start:start + count])
+                start += count
+        with rt.op("ffn_to_attention"):
+            ffn_to_attention(out, batch.session_ids[:n], batch.micro_batch_ids[:n], batch.token_ids[:n],
+                             batch.expert_offsets[:n], np.array([n], np.int64), group, cfg.world_size,
+                             [M, BS, K1], [M, BS, K1, H], attn_rank_table=attn_rank_table)
+        ffn_hop.append(time.monotonic_ns() - t0)
+        rt.progressed()
+        rt.service()

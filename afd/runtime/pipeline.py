@@ -1,0 +1,285 @@
+"""The launcher: a Pipeline owns one run's memory and processes, supervises them, and always cleans up."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from multiprocessing.connection import wait as wait_sentinels
+from pathlib import Path
+
+import multiprocess
+import numpy as np
+import zmq
+
+from .. import config as config_mod
+from .. import control
+from ..config import Config
+from ..device import Device, new_namespace, sweep
+from ..errors import AfdError
+from .memory import STATUS, RunMemory
+from .result import Result, build_result
+
+
+def _role_entry(role_id: str, config_json: str, plan: dict, endpoint: str, launcher_pid: int, run_dir: str) -> None:
+    """Spawned child: run one role (module-level so the spawn start method can import it)."""
+    import importlib
+    import sys
+
+    from ..roles import ROLE_MODULES, split_role
+    from .role import RoleRuntime, run_role
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops through run_flag
+    cfg = Config.model_validate_json(config_json)
+    module = importlib.import_module(f"afd.roles.{ROLE_MODULES[split_role(role_id)[0]]}")
+    rt = RoleRuntime(role_id, endpoint, cfg, plan, launcher_pid=launcher_pid, run_dir=run_dir)
+    sys.exit(run_role(rt, module.body))
+
+
+def _controller_entry(config_json: str, plan: dict, endpoint: str, pub_endpoint: str, launcher_pid: int) -> None:
+    import sys
+
+    from ..roles import controller
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
+
+
+class Pipeline:
+    """One pipeline run: `with Pipeline(cfg) as p: result = p.wait()`; exit always stops and removes everything."""
+
+    def __init__(self, config: str | os.PathLike | dict | Config | None = None, overrides: list[str] | None = None,
+                 **values):
+        self.cfg = config if isinstance(config, Config) and not overrides and not values else \
+            config_mod.load(config, overrides, **values)
+        self.processes: dict[str, multiprocess.Process] = {}
+        self.mem: RunMemory | None = None
+        self.device: Device | None = None
+        self.run_dir: Path | None = None
+        self.zctx: zmq.Context | None = None
+        self.result: Result | None = None
+        self.progress = (0, 1)
+        self.on_progress = None
+        self._controller_result: dict | None = None
+        self._died: dict[str, int] = {}
+        self._started = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> "Pipeline":
+        cfg = self.cfg
+        namespace = new_namespace()
+        self.device = Device(namespace)
+        try:
+            self.mem = RunMemory.create(cfg, self.device)
+            self.run_dir = control.make_run_dir(namespace)
+            if cfg.control.transport == "ipc":
+                endpoint, pub = f"ipc://{self.run_dir}/ctl.sock", f"ipc://{self.run_dir}/pub.sock"
+            else:
+                port = cfg.control.port
+                endpoint = f"tcp://{cfg.control.host}:{port}"
+                pub = f"tcp://{cfg.control.host}:{port + 1 if port else 0}"
+                if not port:  # pick free ports here so roles know where to connect
+                    endpoint, pub = (f"tcp://{cfg.control.host}:{p}" for p in _free_ports(cfg.control.host, 2))
+            self.endpoint = endpoint
+            self.mem.plan["token"] = os.urandom(16).hex()
+            plan = self.mem.plan
+            cfg_json = cfg.model_dump_json()
+            spawn = multiprocess.get_context("spawn")
+            me = os.getpid()
+            proc = spawn.Process(target=_controller_entry, args=(cfg_json, plan, endpoint, pub, me),
+                                 name="controller", daemon=False)
+            proc.start()
+            self.processes["controller"] = proc
+            for role in cfg.role_ids():
+                if role == "controller":
+                    continue
+                proc = spawn.Process(target=_role_entry, args=(role, cfg_json, plan, endpoint, me, str(self.run_dir)),
+                                     name=role, daemon=False)
+                proc.start()
+                self.processes[role] = proc
+            self.zctx = zmq.Context()
+            self.dealer = control.socket(self.zctx, zmq.DEALER, identity=b"launcher")
+            self.dealer.connect(endpoint)
+            control.write_run_info(self.run_dir, {"pid": me, "endpoint": endpoint, "namespace": namespace,
+                                                  "name": cfg.name, "token": plan["token"],
+                                                  "roles": {r: p.pid for r, p in self.processes.items()}})
+            os.chmod(self.run_dir / "run.json", 0o600)
+            self._started = time.monotonic()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> "Pipeline":
+        if self._started is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- control ---------------------------------------------------------------------------------------
+    def stop(self, reason: str = "stop requested") -> None:
+        """run_flag = 0 in every context (the truth), then ask the controller to broadcast the wake-up."""
+        if self.mem is not None:
+            self.mem.stop_all()
+        if self.zctx is not None:
+            self.dealer.send_multipart(control.encode("stop", {"reason": reason}))
+
+    @property
+    def roles(self) -> dict[str, dict]:
+        return {r: {"pid": p.pid, "alive": p.is_alive()} for r, p in self.processes.items()}
+
+    @property
+    def step_count(self) -> int:
+        """Steps every micro-batch of every session has completed so far."""
+        if self.mem is None:
+            return 0
+        return int(np.all((self.mem.digests() >> np.uint64(32)) == 1, axis=(1, 2)).sum())
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Supervise until the controller reports the end (or a process dies), then clean up; returns the Result."""
+        if self.result is not None:
+            return self.result
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self.dealer, zmq.POLLIN)
+        try:
+            while self._controller_result is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    self.stop(f"wait timeout {timeout}s")
+                    deadline = None
+                    self._await_result(3.0, poller)
+                    break
+                if dict(poller.poll(20)):
+                    self._drain(poller)
+                self._check_processes()
+                if "controller" in self._died and self._controller_result is None:
+                    break
+        except KeyboardInterrupt:
+            self.stop("interrupted (Ctrl-C)")
+            self._await_result(3.0, poller)
+        return self._conclude()
+
+    def _await_result(self, seconds: float, poller) -> None:
+        end = time.monotonic() + seconds
+        while self._controller_result is None and time.monotonic() < end:
+            if dict(poller.poll(20)):
+                self._drain(poller)
+            self._check_processes()
+            if "controller" in self._died:
+                return
+
+    def _drain(self, poller) -> None:
+        while True:
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, payload = control.decode(frames)
+            except control.MalformedMessage:
+                continue
+            if kind == "progress":
+                self.progress = (payload["done"], payload["total"])
+                if self.on_progress:
+                    self.on_progress(*self.progress)
+            elif kind == "result":
+                self._controller_result = payload
+
+    def _check_processes(self) -> None:
+        """Process sentinels: a role that exits before the run ends is a failure detected at once."""
+        sentinels = {p.sentinel: r for r, p in self.processes.items() if r not in self._died}
+        for ready in wait_sentinels(list(sentinels), timeout=0):
+            role = sentinels[ready]
+            proc = self.processes[role]
+            proc.join(0.1)
+            self._died[role] = proc.exitcode
+            if self._controller_result is None and (proc.exitcode != 0 or role == "controller"):
+                self.mem.stop_all()
+                if role != "controller":
+                    self.dealer.send_multipart(control.encode("role_died", {"role": role,
+                                                                            "exitcode": proc.exitcode}))
+                self._died_first = getattr(self, "_died_first", None) or (role, proc.exitcode, time.monotonic(),
+                                                                         self._in_flight(role))
+
+    def _in_flight(self, role: str) -> dict:
+        row = self.mem.status()[self.mem.role_index[role]]
+        return {k: int(row[STATUS[k]]) for k in ("step", "layer", "micro_batch", "progress")}
+
+    def _conclude(self) -> Result:
+        self._reap(2.0)
+        exit_codes = {r: p.exitcode for r, p in self.processes.items()}
+        self.result = build_result(self.cfg, self.mem, self._controller_result, getattr(self, "_died_first", None),
+                                   exit_codes, time.monotonic() - self._started)
+        return self.result
+
+    def _reap(self, grace: float) -> None:
+        end = time.monotonic() + grace
+        for proc in self.processes.values():
+            proc.join(max(0.0, end - time.monotonic()))
+        for proc in self.processes.values():
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+
+    def close(self) -> None:
+        """Stop and remove everything of the run: processes, segments, sockets, run directory."""
+        if self.mem is not None and self.processes and any(p.is_alive() for p in self.processes.values()):
+            self.mem.stop_all()
+            self._reap(2.0)
+        for proc in self.processes.values():
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+            try:
+                proc.close()
+            except (ValueError, AttributeError):
+                pass
+        if self.zctx is not None:
+            self.zctx.destroy(linger=0)
+            self.zctx = None
+        if self.device is not None:
+            self.device.close()
+            sweep(self.device.namespace)
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    import socket
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run(config: str | os.PathLike | dict | Config | None = None, overrides: list[str] | None = None,
+        timeout: float | None = None, on_progress=None, **values) -> Result:
+    """Run one pipeline to its end and return the Result (the one launch path the CLI uses too)."""
+    with Pipeline(config, overrides, **values) as pipeline:
+        pipeline.on_progress = on_progress
+        return pipeline.wait(timeout)
+
+
+def write_report(result: Result, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(result.report(), indent=2, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+__all__ = ["Pipeline", "run", "write_report", "AfdError"]

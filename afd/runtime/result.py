@@ -1,0 +1,142 @@
+"""What a run produced: outcome, reason, counts, timings, hop latencies, reference check, per-role exits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import Config
+from ..model import reference
+
+# Exit codes of `afd run` by what ended the run.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOST, EXIT_PROTOCOL = 0, 1, 2, 3, 4
+_LOST_KINDS = {"died", "hang", "controller", "join"}
+
+
+def percentiles(samples_ns: list[int]) -> dict[str, float] | None:
+    if not samples_ns:
+        return None
+    us = np.asarray(samples_ns, dtype=np.float64) / 1e3
+    return {"n": int(us.size), "p50": round(float(np.percentile(us, 50)), 2),
+            "p99": round(float(np.percentile(us, 99)), 2), "max": round(float(us.max()), 2)}
+
+
+@dataclass
+class Result:
+    """The end of one run, as typed attributes; `report()` is the JSON report."""
+
+    outcome: str
+    reason: str
+    exit_code: int
+    config: Config
+    steps: int
+    micro_batches: int
+    micro_batch_layers: int
+    run_s: float
+    wall_s: float
+    hops_us: dict
+    outputs_match_reference: bool | None
+    compared: int
+    mismatches: list
+    roles: dict
+    failure: dict | None
+    in_flight: dict | None
+    malformed_messages: int
+    outputs: dict = field(default_factory=dict, repr=False)
+    reference: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def micro_batches_per_s(self) -> float:
+        return self.micro_batches / self.run_s if self.run_s > 0 else 0.0
+
+    @property
+    def micro_batch_layers_per_s(self) -> float:
+        return self.micro_batch_layers / self.run_s if self.run_s > 0 else 0.0
+
+    def report(self) -> dict:
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "outcome": self.outcome, "reason": self.reason, "exit_code": self.exit_code,
+            "counts": {"steps": self.steps, "micro_batches": self.micro_batches,
+                       "micro_batch_layers": self.micro_batch_layers},
+            "timings": {"run_s": round(self.run_s, 4), "wall_s": round(self.wall_s, 4),
+                        "micro_batches_per_s": round(self.micro_batches_per_s, 2),
+                        "micro_batch_layers_per_s": round(self.micro_batch_layers_per_s, 2),
+                        "hops_us": self.hops_us},
+            "outputs_match_reference": self.outputs_match_reference,
+            "compared_micro_batches": self.compared, "mismatches": self.mismatches,
+            "failure": self.failure, "in_flight": self.in_flight,
+            "malformed_messages": self.malformed_messages,
+            "roles": self.roles,
+        }
+
+
+def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_codes: dict, wall_s: float) -> Result:
+    controller = controller or {}
+    reports = controller.get("reports", {})
+    failure = controller.get("failure")
+    outcome = controller.get("outcome")
+    reason = controller.get("reason", "")
+    in_flight = controller.get("in_flight")
+    if died_first is not None and (outcome is None or (failure and failure.get("kind") == "died")):
+        role, code, _, flight = died_first
+        kind = "controller" if role == "controller" else "died"
+        outcome, failure = "failed", {"role": role, "kind": kind, "exitcode": code, "in_flight": flight}
+        reason = f"{role} exited unexpectedly (exit code {code})" + (
+            "; the run was stopped through run_flag=0" if role != "controller" else "")
+    if outcome is None:
+        outcome, reason = "failed", reason or "the controller reported no result"
+        failure = failure or {"role": "controller", "kind": "controller"}
+
+    digests = mem.digests()
+    written = (digests >> np.uint64(32)) == 1
+    steps_done = int(np.all(written, axis=(1, 2)).sum())
+    micro_batches = int(written.sum())
+    layers_done = int(controller.get("done", 0))
+    match, compared, mismatches = None, int(written.sum()), []
+    ref_finals: dict = {}
+    if cfg.check_reference:
+        ref_digests, ref_finals = reference(cfg)
+        got = (digests & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        bad = written & (got != ref_digests)
+        mismatches = [{"step": int(t), "session": int(s), "micro_batch": int(m)} for t, s, m in zip(*bad.nonzero())]
+        match = not mismatches
+    outputs = {}
+    if steps_done == cfg.steps:
+        out = mem.outputs()
+        outputs = {(s, m): out[s, m, :cfg.valid_tokens].copy() for s in range(cfg.sessions)
+                   for m in range(cfg.micro_batch_num)}
+
+    hops: dict[str, list] = {}
+    for role, rep in reports.items():
+        for name, samples in (rep.get("metrics") or {}).items():
+            hops.setdefault(name, []).extend(samples)
+    hops_us = {name: percentiles(samples) for name, samples in sorted(hops.items())}
+
+    roles = {}
+    for role, code in exit_codes.items():
+        rep = reports.get(role, {})
+        roles[role] = {"exit_code": code, "outcome": rep.get("outcome", "completed" if role == "controller" and
+                                                             code == 0 else ("killed" if code and code < 0 else
+                                                                             "no report")),
+                       **({"error": rep["error"]} if rep.get("error") else {})}
+
+    if outcome in ("completed", "stopped"):
+        exit_code = EXIT_OK
+    elif failure and failure.get("kind") in _LOST_KINDS:
+        exit_code = EXIT_LOST
+    elif failure and failure.get("kind") == "error":
+        exit_code = EXIT_PROTOCOL if failure.get("error", {}).get("type") in (
+            "Stall", "KernelError", "DeviceAddressError", "AclnnError") else EXIT_FAILED
+    else:
+        exit_code = EXIT_FAILED
+    if match is False:
+        outcome = "failed" if outcome == "completed" else outcome
+        reason = reason + ("; " if reason else "") + f"{len(mismatches)} micro-batch outputs differ from the reference"
+        exit_code = EXIT_PROTOCOL if exit_code == EXIT_OK else exit_code
+    return Result(outcome=outcome, reason=reason, exit_code=exit_code, config=cfg, steps=steps_done,
+                  micro_batches=micro_batches, micro_batch_layers=layers_done,
+                  run_s=float(controller.get("run_s") or wall_s), wall_s=wall_s, hops_us=hops_us,
+                  outputs_match_reference=match, compared=compared, mismatches=mismatches[:50], roles=roles,
+                  failure=failure, in_flight=in_flight, malformed_messages=int(controller.get("malformed", 0)),
+                  outputs=outputs, reference=ref_finals)

@@ -1,0 +1,349 @@
+"""What every role process shares: joining the controller, the wait policy (spin, then doorbell), heartbeats, watchdog, events."""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import zmq
+
+from .. import control
+from ..config import Config
+from ..errors import AfdError
+from ..ops._polling import Stopped, Waiting
+from .memory import OP, STATUS, RunMemory
+
+
+# Ops that re-read run_flag themselves: on a stop they return OK instead of being interrupted.
+RUN_FLAG_OPS = frozenset({"attention_worker_scheduler_", "ffn_worker_scheduler_"})
+
+
+class Stall(AfdError):
+    """A wait outlived the stall watchdog: what was awaited never arrived."""
+
+    def __init__(self, role: str, waiting: Waiting, seconds: float):
+        self.waiting = waiting
+        super().__init__(f"{role}: {waiting.op}", f"stalled {seconds:.1f}s waiting for {waiting.what} of "
+                                                  f"micro_batch_id {waiting.micro_batch_id} "
+                                                  f"({waiting.ready}/{waiting.needed} ready)")
+
+
+class ControllerLost(Exception):
+    """The controller (or the launcher that owns this process) is gone: exit rather than orphan."""
+
+
+class RoleRuntime:
+    """One role's connection to its run: control sockets, memory, wait policy and bookkeeping."""
+
+    def __init__(self, role_id: str, controller: str, config: Config | None = None, plan: dict | None = None,
+                 launcher_pid: int | None = None, run_dir: str | None = None):
+        self.role = role_id
+        self.controller_endpoint = controller
+        self.cfg = config
+        self.plan = plan
+        self.launcher_pid = launcher_pid
+        self.run_dir = run_dir
+        self.zctx: zmq.Context | None = None
+        self.events: list[tuple] = []
+        self.metrics: dict[str, list] = {}  # per-role latency samples, sent with the final report
+        self.stopping = False
+        self.stop_reason = ""
+        self.malformed = 0
+        self.directory: dict[str, str] = {}
+        self._pushers: dict[str, zmq.Socket] = {}
+        self._next_service = 0
+        self._next_heartbeat = 0
+        self._last_controller = time.monotonic()
+        self._wait_start = 0
+        self.watched_run_flags: list = []
+        self.fault_hooks = None
+        self.mem: RunMemory | None = None
+        self.status = None
+
+    # -- joining ----------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Register with the controller, get the plan, subscribe, and wait for `start` (bounded)."""
+        self.zctx = zmq.Context()
+        self.dealer = control.socket(self.zctx, zmq.DEALER, identity=self.role.encode())
+        self.dealer.connect(self.controller_endpoint)
+        self.doorbell = control.socket(self.zctx, zmq.PULL, rcvhwm=64)
+        if self.controller_endpoint.startswith("ipc://"):
+            db = f"ipc://{self.run_dir}/db-{self.role}.sock"
+        else:
+            host = os.environ.get("AFD_ADVERTISE_HOST") or self.controller_endpoint[len("tcp://"):].rsplit(":", 1)[0]
+            db = f"tcp://{host}:0" if host in ("127.0.0.1", "localhost") else "tcp://0.0.0.0:0"
+        self.doorbell_endpoint = control.bind(self.doorbell, db)
+        if "0.0.0.0" in self.doorbell_endpoint:
+            self.doorbell_endpoint = self.doorbell_endpoint.replace(
+                "0.0.0.0", os.environ.get("AFD_ADVERTISE_HOST", "127.0.0.1"))
+        self.sub = control.socket(self.zctx, zmq.SUB)
+        timeout = (self.cfg.start_timeout_s if self.cfg else 30.0)
+        deadline = time.monotonic() + timeout
+        welcome = None
+        poller = zmq.Poller()
+        poller.register(self.dealer, zmq.POLLIN)
+        while welcome is None:
+            self._check_launcher()
+            if time.monotonic() > deadline:
+                raise ControllerLost(f"{self.role}: no welcome from the controller at {self.controller_endpoint} "
+                                     f"within {timeout:.0f}s")
+            self.dealer.send_multipart(control.encode("register", {"role": self.role, "pid": os.getpid(),
+                                                                   "doorbell": self.doorbell_endpoint,
+                                                                   "clock_ns": time.monotonic_ns()}))
+            if poller.poll(200):
+                try:
+                    kind, payload = control.decode(self.dealer.recv_multipart())
+                except control.MalformedMessage:
+                    self.malformed += 1
+                    continue
+                if kind == "welcome":
+                    welcome = payload
+        if self.cfg is None:
+            self.cfg = Config.model_validate(welcome["config"])
+        if self.plan is None:
+            self.plan = welcome["plan"]
+        self.sub.connect(welcome["pub"])
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.mem = RunMemory.attach(self.cfg, self.plan)
+        self.status = self.mem.status()[self.mem.role_index[self.role]]
+        self.status[STATUS["pid"]] = os.getpid()
+        self.status[STATUS["state"]] = 1
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        while True:
+            self._check_launcher()
+            if time.monotonic() > deadline:
+                raise ControllerLost(f"{self.role}: no start from the controller within {timeout:.0f}s")
+            for sock, _ in poller.poll(200):
+                try:
+                    kind, payload = control.decode(sock.recv_multipart())
+                except control.MalformedMessage:
+                    self.malformed += 1
+                    continue
+                if kind == "start":
+                    self.directory = payload.get("doorbells", {})
+                    self._last_controller = time.monotonic()
+                    self.status[STATUS["state"]] = 2
+                    self.on_start(payload)
+                    return
+                if kind == "stop":
+                    raise Stopped(payload.get("reason", "stopped before start"))
+
+    def on_start(self, payload: dict) -> None:
+        """Hook for roles (faults arrive with the start message)."""
+
+    # -- doorbells --------------------------------------------------------------------------------------
+    def ring(self, role_id: str) -> None:
+        """Wake a role that may be blocked: best effort, never blocks (the shared memory is the truth)."""
+        sock = self._pushers.get(role_id)
+        if sock is None:
+            endpoint = self.directory.get(role_id)
+            if endpoint is None:
+                return
+            sock = self._pushers[role_id] = control.socket(self.zctx, zmq.PUSH, sndhwm=4, immediate=1)
+            sock.connect(endpoint)
+        try:
+            sock.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    # -- waiting ----------------------------------------------------------------------------------------
+    def idle(self, waiting: Waiting) -> None:
+        """The wait policy the ops call between scans: spin (sched_yield) briefly, then block on the doorbell."""
+        now = time.perf_counter_ns()
+        if waiting.iterations <= 1:
+            self._wait_start = now
+            self._set_op(OP["wait"])
+        waited = now - self._wait_start
+        if now < self._next_service and (self.cfg.wait == "spin" or waited < self._spin_ns):
+            os.sched_yield()
+            return
+        self.service(now)
+        if self.stopping:
+            for flag in self.watched_run_flags:
+                flag[0] = 0  # this host's truth; the op re-reads it and returns OK like the real kernel
+            if waiting.op not in RUN_FLAG_OPS:
+                raise Stopped(self.stop_reason or "run_flag=0")
+        if waited > self._stall_ns:
+            self.status[STATUS["stall"]] = 1
+            raise Stall(self.role, waiting, waited / 1e9)
+        if self.cfg.wait != "spin" and waited >= self._spin_ns:
+            self._block(min(self._service_ns, self._stall_ns - waited) // 1_000_000 + 1)
+
+    @property
+    def _spin_ns(self) -> int:
+        return int(self.cfg.spin_us * 1000)
+
+    @property
+    def _stall_ns(self) -> int:
+        return int(self.cfg.stall_timeout_s * 1e9)
+
+    @property
+    def _service_ns(self) -> int:
+        return int(min(self.cfg.heartbeat_interval_s, 0.05) * 1e9)
+
+    def _block(self, timeout_ms: int) -> None:
+        poller = zmq.Poller()
+        poller.register(self.doorbell, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
+        if dict(poller.poll(timeout_ms)).get(self.doorbell):
+            try:
+                while True:
+                    self.doorbell.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def wait_until(self, condition, what: str, micro_batch_id: int = -1) -> None:
+        """Wait on a shared-memory condition with the same policy, stop checks and watchdog as the ops."""
+        if condition():
+            return
+        waiting = Waiting(f"{self.role} stream", what, micro_batch_id, needed=1)
+        while True:
+            waiting.iterations += 1
+            self.idle(waiting)
+            if condition():
+                return
+
+    # -- housekeeping -----------------------------------------------------------------------------------
+    def service(self, now: int | None = None) -> None:
+        """Control messages, heartbeat, run_flag and liveness checks: at most every few ms."""
+        now = now or time.perf_counter_ns()
+        if now < self._next_service:
+            return
+        self._next_service = now + self._service_ns // 5
+        while True:
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._last_controller = time.monotonic()
+            try:
+                kind, payload = control.decode(frames)
+            except control.MalformedMessage:
+                self.malformed += 1
+                continue
+            if kind == "stop":
+                self.stopping = True
+                self.stop_reason = payload.get("reason", "stop")
+            elif kind == "fault" and self.fault_hooks is not None:
+                self.fault_hooks(payload)
+        if any(flag[0] == 0 for flag in self.watched_run_flags):
+            self.stopping = True
+            self.stop_reason = self.stop_reason or "run_flag=0"
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + int(self.cfg.heartbeat_interval_s * 1e9)
+            self.status[STATUS["heartbeat_ns"]] = time.monotonic_ns()
+            self.dealer.send_multipart(control.encode("heartbeat", {"progress": int(self.status[STATUS["progress"]])}),
+                                       zmq.NOBLOCK)
+        self._check_launcher()
+        if time.monotonic() - self._last_controller > max(1.0, 5 * self.cfg.heartbeat_interval_s):
+            raise ControllerLost(f"{self.role}: controller silent for "
+                                 f"{time.monotonic() - self._last_controller:.1f}s")
+
+    def _check_launcher(self) -> None:
+        if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            raise ControllerLost(f"{self.role}: launcher (pid {self.launcher_pid}) is gone")
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def _set_op(self, op: int) -> None:
+        self.status[STATUS["op"]] = op
+
+    def at(self, step: int, layer: int, micro_batch: int) -> None:
+        s = self.status
+        s[STATUS["step"]], s[STATUS["layer"]], s[STATUS["micro_batch"]] = step, layer, micro_batch
+
+    def op(self, name: str):
+        return _OpSpan(self, name)
+
+    def progressed(self) -> None:
+        self.status[STATUS["progress"]] += 1
+
+    def send(self, kind: str, payload: dict) -> None:
+        self.dealer.send_multipart(control.encode(kind, payload))
+
+    def finish(self, outcome: str, error: BaseException | None = None, extra: dict | None = None) -> None:
+        """Send the final report (stats, events) to the controller; best effort."""
+        payload = {"role": self.role, "outcome": outcome, "malformed": self.malformed,
+                   "events": self.events if self.cfg and self.cfg.trace else [], "extra": extra or {},
+                   "metrics": self.metrics}
+        if error is not None:
+            payload["error"] = describe_error(error)
+        if self.status is not None:
+            self.status[STATUS["state"]] = 4 if error is None else 5
+        try:
+            self.dealer.send_multipart(control.encode("report", payload), zmq.NOBLOCK)
+        except (zmq.ZMQError, AttributeError):
+            pass
+
+    def close(self) -> None:
+        if self.zctx is not None:
+            self.zctx.destroy(linger=200)  # long enough to flush the final report, bounded if nobody listens
+            self.zctx = None
+        if self.mem is not None:
+            self.mem.device.close()
+
+
+class _OpSpan:
+    """Times one op for the status table and the event list."""
+
+    __slots__ = ("rt", "name", "t0", "args")
+
+    def __init__(self, rt: RoleRuntime, name: str):
+        self.rt, self.name = rt, name
+
+    def __enter__(self):
+        self.rt._set_op(OP.get(self.name, 0))
+        self.t0 = time.monotonic_ns()
+        return self
+
+    def __exit__(self, *exc):
+        t1 = time.monotonic_ns()
+        s = self.rt.status
+        s[STATUS["busy_ns"]] += t1 - self.t0
+        self.rt._set_op(0)
+        if self.rt.cfg.trace:
+            self.rt.events.append((self.name, self.t0, t1, int(s[STATUS["step"]]), int(s[STATUS["layer"]]),
+                                   int(s[STATUS["micro_batch"]])))
+        return False
+
+
+def describe_error(error: BaseException) -> dict:
+    out = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, AfdError):
+        out.update(field=error.field, rule=error.rule, status=error.status)
+    if isinstance(error, Stall):
+        w = error.waiting
+        out["waiting"] = {"op": w.op, "what": w.what, "micro_batch_id": w.micro_batch_id, "ready": w.ready,
+                          "needed": w.needed}
+        if w.flags is not None:
+            missing = [[int(t), int(k)] for t, k in zip(*(w.flags != 1).nonzero())]
+            out["waiting"]["missing"] = missing[:64]
+    if not isinstance(error, (AfdError, Stopped, ControllerLost)):
+        out["traceback"] = traceback.format_exc(limit=8)
+    return out
+
+
+def run_role(rt: RoleRuntime, body) -> int:
+    """Run a role body with the common lifecycle: connect, body(rt), report; exit code 0 on success or stop."""
+    code = 0
+    try:
+        rt.connect()
+        body(rt)
+        rt.finish("completed")
+    except Stopped as exc:
+        rt.finish("stopped", extra={"reason": str(exc)})
+    except ControllerLost as exc:
+        rt.finish("orphaned", exc)
+        if rt.plan is not None and rt.launcher_pid is not None:
+            from ..device import sweep
+            sweep(rt.plan["namespace"])  # the owner is gone: do not leave its segments to a later run
+        code = 3
+    except BaseException as exc:  # report what broke, then exit non-zero
+        rt.finish("failed", exc)
+        code = 1
+    finally:
+        if rt.status is not None:
+            rt.status[STATUS["exit_code"]] = code
+        rt.close()
+    return code
