@@ -27,3 +27,13 @@ Idle = Callable[[Waiting], None]
 def sched_yield(_: Waiting) -> None:
     """The AICPU loop's idle step: give the core away, then scan again."""
     os.sched_yield()
+
+
+class Stopped(Exception):
+    """The poll ended because run_flag dropped to 0 or the wait policy stopped it."""
+
+    def __init__(self, waiting: Waiting | None = None, reason: str = "run_flag is 0"):
+        self.waiting = waiting
+        self.reason = reason
+        where = f"{waiting.op} waiting for {waiting.what}" if waiting is not None else "poll"
+        super().__init__(f"{where} stopped: {reason}")
