@@ -68,13 +68,19 @@ def field_offsets() -> dict[str, int]:
 
 
 class _Area:
-    """Attribute access to one area of a context by the C field names."""
+    """Attribute access to one area of a context by the C field names (raw typed loads: ops read these per call)."""
 
-    __slots__ = ("_view", "_name")
+    __slots__ = ("_view", "_name", "_fields", "_ctx")
 
-    def __init__(self, view: np.ndarray, name: str):
+    def __init__(self, view: np.ndarray, name: str, ctx: "ScheduleContext", base: int):
         object.__setattr__(self, "_view", view)
         object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_ctx", ctx)
+        fields = {}
+        for fname, (dt, off) in view.dtype.fields.items():
+            if not dt.shape:  # scalar fields become (typed array name, element index) on the context
+                fields[fname] = ({"<u4": "u32", "<i4": "i32", "<u8": "u64"}[dt.str], (base + off) // dt.itemsize, dt)
+        object.__setattr__(self, "_fields", fields)
 
     def _check(self, name: str) -> np.dtype:
         fields = self._view.dtype.fields
@@ -83,20 +89,23 @@ class _Area:
         return fields[name][0]
 
     def __getattr__(self, name: str):
-        dt = self._check(name)
-        value = self._view[name][0]
-        return value.copy() if dt.shape else int(value)
+        f = self._fields.get(name)
+        if f is not None:
+            return int(getattr(self._ctx, f[0])[f[1]])
+        self._check(name)
+        return self._view[name][0].copy()
 
     def __setattr__(self, name: str, value) -> None:
-        dt = self._check(name)
-        if dt.shape:
+        f = self._fields.get(name)
+        if f is None:
+            self._check(name)
             self._view[name][0] = value
             return
-        info = np.iinfo(dt)
+        info = np.iinfo(f[2])
         value = int(value)
         if not info.min <= value <= info.max:
-            raise AfdError(f"{self._name}.{name}", f"{value} does not fit {dt.name} [{info.min}, {info.max}]")
-        self._view[name][0] = value
+            raise AfdError(f"{self._name}.{name}", f"{value} does not fit {f[2].name} [{info.min}, {info.max}]")
+        getattr(self._ctx, f[0])[f[1]] = value
 
     def __dir__(self):
         return list(self._view.dtype.names)
@@ -124,7 +133,7 @@ class ScheduleContext:
         self.device = device
         self.address = address
         for area in AREAS:
-            object.__setattr__(self, area, _Area(self._rec[area], area))
+            setattr(self, area, _Area(self._rec[area], area, self, SCHEDULE_CONTEXT_DTYPE.fields[area][1]))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, device=None) -> "ScheduleContext":

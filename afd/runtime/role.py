@@ -123,6 +123,9 @@ class RoleRuntime:
                     continue
                 if kind == "start":
                     self.directory = payload.get("doorbells", {})
+                    for peer in self.directory:  # connect every doorbell now, so no first ring is lost
+                        if peer != self.role:
+                            self.ring(peer)
                     self._last_controller = time.monotonic()
                     self.status[STATUS["state"]] = 2
                     self.on_start(payload)
@@ -141,7 +144,7 @@ class RoleRuntime:
             endpoint = self.directory.get(role_id)
             if endpoint is None:
                 return
-            sock = self._pushers[role_id] = control.socket(self.zctx, zmq.PUSH, sndhwm=4, immediate=1)
+            sock = self._pushers[role_id] = control.socket(self.zctx, zmq.PUSH, sndhwm=4)
             sock.connect(endpoint)
         try:
             sock.send(b"", zmq.NOBLOCK)
