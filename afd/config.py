@@ -29,6 +29,15 @@ class ControlConfig(_Strict):
     port: StrictInt = Field(0, ge=0, le=65535, description="0 = pick a free port")
 
 
+class DeviceTimeConfig(_Strict):
+    """Emulated device times (afd.timing): roles wait them out inside the op span, so timelines show the model."""
+
+    attention_us_per_token: Number = Field(0, ge=0, description="attention + gate per valid token")
+    expert_us_per_token: Number = Field(0, ge=0, description="experts per (token, expert) row of an FFN round")
+    link_gbps: Number = Field(0, ge=0, description="A2F/F2A link bandwidth; 0 = transfers cost only the overhead")
+    op_overhead_us: Number = Field(0, ge=0, description="fixed cost of each modelled op")
+
+
 class HostConfig(_Strict):
     """One host of a multi-host layout: which roles it runs."""
 
@@ -68,6 +77,7 @@ class Config(_Strict):
     strict: StrictBool = False
     check_reference: StrictBool = True
     trace: StrictBool = False
+    device_time: DeviceTimeConfig | None = Field(None, description="emulated device times; None = off")
     control: ControlConfig = ControlConfig()
     hosts: dict[StrictStr, HostConfig] | None = None
     faults: list[StrictStr] = []
