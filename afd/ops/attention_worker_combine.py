@@ -17,7 +17,9 @@ _RUN_FLAG = RUN_FLAG_OFFSET // 4
 _MICRO_BATCH_ID = ATTENTION_MICRO_BATCH_ID_OFFSET // 4
 TOKEN_DTYPES = {0: np.dtype(np.float16), 1: np.dtype(ml_dtypes.bfloat16)}
 MAX_K = 64
-_CHUNK_BYTES = 4 << 20  # fp32 scratch per chunk of tokens: small enough to stay in cache
+# fp32 scratch per chunk of tokens. Measured at BS=48 K=8+1 H=7168 bf16 (2-core EPYC VM): 3 MB (12 tokens) is the
+# sweet spot (~1.01 ms); 4 MB 1.03-1.09 ms, 1 token (L2-sized) 1.34 ms: numpy per-call overhead beats locality.
+_CHUNK_BYTES = 3 << 20
 _F16_TO_F32_SCALE = np.float32(2.0 ** 112)  # rebias a 5-bit exponent into the 8-bit one (exact, subnormals too)
 
 
@@ -40,13 +42,12 @@ def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype) -> np
     """y[i] = cast(sum_{k<K} f32(s[i,k])*f32(d[i,k]) + f32(d[i,K])): fp32, k in order, multiply then add (no FMA).
 
     data is (BS, K+1, H) fp16 or bf16 (any extra trailing slots are ignored); the sum is bit-exact with a plain
-    sequential numpy loop: the shared slot is folded in with weight 1.0, which is an exact multiply.
+    sequential numpy loop: the shared slot is added unweighted (weight 1.0 would be an exact multiply).
     """
     bs, k = expert_scales.shape
     h = data.shape[2]
     k1 = k + 1
-    weights = np.ones((bs, k1), np.float32)
-    weights[:, :k] = expert_scales
+    scales = np.asarray(expert_scales, np.float32)[:, :, None]
     src = data[:, :k1]
     acc = np.empty((bs, h), np.float32)
     chunk = max(1, min(bs, _CHUNK_BYTES // max(1, k1 * h * 4)))
@@ -63,7 +64,8 @@ def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype) -> np
             f[...] = src[i0:i1]  # exact widening (bf16 is the high half of an fp32); ml_dtypes' cast is SIMD
         else:
             _widen_f16(src[i0:i1].view(np.uint16), w, sign_all[:i1 - i0], special_all[:i1 - i0])
-        np.multiply(f, weights[i0:i1, :, None], out=f)
+        # Only the K routed slots: the shared slot's weight is 1.0, and skipping that exact multiply changes no bit.
+        np.multiply(f[:, :k], scales[i0:i1], out=f[:, :k])
         # A reduce over a non-inner axis adds the k rows in order: ((p0 + p1) + p2) + ... exactly.
         np.add.reduce(f, axis=1, out=acc[i0:i1])
     return acc.astype(out_dtype)  # fp16: numpy RNE; bf16: ml_dtypes RNE (CAST_RINT)
