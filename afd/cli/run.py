@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set micro_batch_num=3")
     p.add_argument("--steps", type=int, help="decode steps to run")
+    p.add_argument("--fault", dest="faults", action="append", default=[], metavar="KIND[:TARGET][@WHEN]",
+                   help="inject a fault (repeatable): stop, kill, hang, drop-flag, delay, corrupt, reorder; "
+                        "WHEN is step=N,layer=L,mb=M or t=SECONDS")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here (whatever the outcome)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=main)
@@ -43,6 +46,9 @@ def summary_table(result) -> Table:
                   ("yes" if match else f"NO ({len(result.mismatches)} differ)") + f" ({result.compared} compared)")
     if result.failure:
         table.add_row("failure", str(result.failure))
+    for f in result.faults:
+        table.add_row("fault", f"{f['spec']}: " + ("fired" if f["fired"] else "did not fire") +
+                      (f", detected after {f['detect_s']:.3f} s" if "detect_s" in f else ""))
     bad = {r: v for r, v in result.roles.items() if v["exit_code"] != 0}
     table.add_row("roles", f"{len(result.roles)} processes" + (f", non-zero exits: {bad}" if bad else ", all exit 0"))
     return table
@@ -53,7 +59,7 @@ def main(args) -> int:
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     console = Console(stderr=True)
-    pipeline = Pipeline(args.config, overrides)
+    pipeline = Pipeline(args.config, overrides, faults=args.faults)
     show = not args.quiet and console.is_terminal
     with pipeline:
         if show:

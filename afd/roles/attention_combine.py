@@ -9,6 +9,8 @@ from ..errors import KernelError
 from ..model import digest
 from ..ops.attention_worker_combine import attention_worker_combine
 from ..runtime.memory import COMBINE_DONE, SCHED_DONE
+from ..runtime.role import Stall
+from .attention_scheduler import diagnose
 from ._schedule import total_units, unit
 
 
@@ -28,13 +30,18 @@ def body(rt) -> None:
         rt.at(t, layer, m)
         if not fused:
             rt.wait_until(lambda: counters[SCHED_DONE] > i, "attention_worker_scheduler_", m)
+        rt.check_faults(t, layer, m)  # right before the op, so a corrupt field meets the op's own check
+        if not fused and ctx.attention.micro_batch_id < cfg.micro_batch_num:  # out of range: the op's check says so
             if ctx.attention.micro_batch_id != m:  # the protocol needs strict round-robin order
                 raise KernelError("attention.micro_batch_id",
                                   f"is {ctx.attention.micro_batch_id}, expected {m} (round-robin order broken)")
-        with rt.op("attention_worker_combine"):
-            y, _ = attention_worker_combine(ctx, stream.scales[m], np.array([layer], np.int32), cfg.hidden_size,
-                                            token_dtype=mem.token_dtype_code, need_schedule=int(fused),
-                                            idle=rt.idle)
+        try:
+            with rt.op("attention_worker_combine"):
+                y, _ = attention_worker_combine(ctx, stream.scales[m], np.array([layer], np.int32), cfg.hidden_size,
+                                                token_dtype=mem.token_dtype_code, need_schedule=int(fused),
+                                                idle=rt.idle)
+        except Stall as exc:
+            raise diagnose(rt, stream, s, m)(exc)
         if fused:
             last_flag = int(stream.f2a_last_flag_ns[:, m].max())
             if last_flag:

@@ -29,6 +29,7 @@ def body(rt) -> None:
     for i in range(total_units(cfg)):
         t, layer, m = unit(cfg, i)
         rt.at(t, layer, m)
+        rt.check_faults(t, layer, m)
         if i >= M:  # this micro-batch's previous layer pass must have been combined
             rt.wait_until(lambda: counters[COMBINE_DONE] >= i - M + 1, "attention_worker_combine output", m)
         h = model.input(t, s, m) if layer == 0 else model.residual(layer_input[m], stream.y[m])

@@ -8,6 +8,7 @@ import zmq
 
 from .. import control
 from ..config import Config
+from ..faults import Fault
 from ..runtime.memory import STATUS, RunMemory
 
 TICK_S = 0.1
@@ -40,7 +41,9 @@ class Controller:
         self.started_at = None
         self.stop_at = None
         self.in_flight = None
-        self.pending_faults: list = []
+        self.pending_faults: list = plan.get("faults", [])
+        self.own_faults = [f for f in map(Fault.from_dict, self.pending_faults) if f.target == "controller"]
+        self.fault_ns = 0
 
     def broadcast(self, kind: str, payload: dict | None = None) -> None:
         self.pub.send_multipart(control.encode(kind, payload))
@@ -59,6 +62,7 @@ class Controller:
         self.mem.stop_all()  # the truth: every poll re-reads run_flag
         self.broadcast("stop", {"reason": reason})  # the wake-up
         self.outcome, self.reason, self.failure = outcome, reason, failure
+        self.detect_ns = time.monotonic_ns()
         self.phase = "stopping"
         self.stop_at = time.monotonic()
 
@@ -125,6 +129,12 @@ class Controller:
             role = payload.get("role")
             self.begin_stop("failed", f"{role} exited unexpectedly (exit code {payload.get('exitcode')})",
                             {"role": role, "kind": "died", "exitcode": payload.get("exitcode")})
+        elif kind == "inject" and sender == "launcher":
+            fault = Fault.from_dict(payload["fault"])
+            if fault.target == "controller":
+                self.own_faults.append(fault)
+            else:
+                self.broadcast("fault", payload)
         elif kind == "status":
             done, total = self.progress()
             self.reply(identity, "status_reply", {"phase": self.phase, "done": done, "total": total})
@@ -154,6 +164,7 @@ class Controller:
             if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
                 self.mem.stop_all()
                 self.broadcast("stop", {"reason": "launcher gone"})
+                self.orphaned()
                 return 3
             if now >= next_tick:
                 next_tick = now + TICK_S
@@ -174,6 +185,7 @@ class Controller:
                     self.begin_stop("completed", "all steps completed")
                 else:
                     self.check_liveness(now)
+                    self.check_own_faults(now)
                     if now - self.started_at > self.cfg.run_timeout_s:
                         self.begin_stop("failed", f"run exceeded run_timeout_s={self.cfg.run_timeout_s}",
                                         {"role": "controller", "kind": "timeout"})
@@ -186,6 +198,22 @@ class Controller:
                 if not alive or now - self.stop_at > 1.5:
                     self.finish()
                     return 0
+
+    def check_own_faults(self, now: float) -> None:
+        """Faults that target the controller: a stop at a point of progress (as stop_schedule()), or its own death."""
+        if not self.own_faults:
+            return
+        row = self.mem.status()[self.mem.role_index["combine0"]]
+        point = (int(row[STATUS["step"]]), int(row[STATUS["layer"]]), int(row[STATUS["micro_batch"]]))
+        for fault in list(self.own_faults):
+            if fault.reached(*point, now - self.started_at):
+                self.own_faults.remove(fault)
+                self.fault_ns = time.monotonic_ns()
+                self.mem.status()[self.mem.role_index["controller"]][STATUS["fault_ns"]] = self.fault_ns
+                if fault.kind == "kill":
+                    os.kill(os.getpid(), 9)
+                self.begin_stop("stopped", f"fault {fault.spec} at step {point[0]} layer {point[1]} "
+                                           f"micro-batch {point[2]}")
 
     def check_liveness(self, now: float) -> None:
         for role in self.expected:
@@ -200,8 +228,19 @@ class Controller:
         self.reply(b"launcher", "result", {
             "outcome": self.outcome, "reason": self.reason, "failure": self.failure, "in_flight": self.in_flight,
             "reports": self.reports, "done": done, "total": total, "malformed": self.malformed,
-            "unknown_senders": self.unknown_senders,
+            "unknown_senders": self.unknown_senders, "detect_ns": getattr(self, "detect_ns", 0),
             "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0})
+
+    def orphaned(self) -> None:
+        """The launcher died: remove what it owned (segments, socket files) instead of leaving it to a later run."""
+        import shutil
+
+        from ..device import sweep
+        sweep(self.plan["namespace"])
+        for endpoint in (self.endpoint, self.pub_endpoint):
+            path = control.ipc_path(endpoint)
+            if path:
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     def close(self) -> None:
         self.zctx.destroy(linger=200)

@@ -9,22 +9,48 @@ from ..model import Model
 from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
 from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
+from ..runtime.memory import A2F_DONE
+from ._schedule import unit
+
+
+def _step_of(cfg, in_flight: int, layer: int, mb: int) -> int:
+    """The step of the unit (layer, mb) a session has in flight: the latest matching unit index <= in_flight."""
+    for i in range(in_flight, max(-1, in_flight - cfg.layers * cfg.micro_batch_num) - 1, -1):
+        t, l, m = unit(cfg, i)
+        if l == layer and m == mb:
+            return t
+    return 0
 
 
 class StampedWindow:
-    """An attention window that records, just before F2A's flag stores, when they were written (for hop latency)."""
+    """An attention window as F2A writes it: stamps flag stores (hop latency) and applies drop-flag / reorder faults."""
 
-    def __init__(self, window, stamps: np.ndarray, flags_per_micro_batch: int):
-        self.window, self.stamps, self.per_mb = window, stamps, flags_per_micro_batch
+    def __init__(self, rt, window, stamps: np.ndarray, flags_per_micro_batch: int):
+        self.rt, self.window, self.stamps, self.per_mb = rt, window, stamps, flags_per_micro_batch
         self.size = window.size
+        self.held = None  # reorder: data held back until after its flags
+        self.dropped: list[int] = []
 
     def put_rows(self, offset, stride, index, rows):
+        if self.rt.window_fault is not None and self.rt.window_fault.kind == "reorder":
+            self.held = (offset, stride, np.array(index), np.array(rows))
+            return
         self.window.put_rows(offset, stride, index, rows)
 
     def put_i32(self, offset, index, values):
+        fault = self.rt.window_fault
+        index = np.asarray(index)
+        if fault is not None and fault.kind == "drop-flag" and offset == 0 and index.size:
+            n = index.size if fault.params["slots"] == "all" else min(fault.params["slots"], index.size)
+            self.dropped = index[:n].tolist()
+            index = index[n:]  # the data of these slots landed, their flags never will
         if offset == 0:  # the flags region: stamp before the stores so a reader never sees flags without it
-            self.stamps[np.unique(np.asarray(index) // self.per_mb)] = time.monotonic_ns()
+            self.stamps[np.unique(index // self.per_mb)] = time.monotonic_ns()
         self.window.put_i32(offset, index, values)
+        if self.held is not None and offset == 0:  # reorder: flags went first, the data follows late
+            time.sleep(fault.params["ms"] / 1000.0)
+            self.window.put_rows(*self.held)
+            self.held = None
 
     def get_i32(self, offset, count):
         return self.window.get_i32(offset, count)
@@ -46,7 +72,8 @@ def body(rt) -> None:
     group = mem.group(notify=notify)
     for s in range(A):
         rank = cfg.attention_rank(s)
-        group.windows[rank] = StampedWindow(group.windows[rank], mem.stream(s).f2a_last_flag_ns[f], BS * K1)
+        group.windows[rank] = StampedWindow(rt, group.windows[rank], mem.stream(s).f2a_last_flag_ns[f], BS * K1)
+    a2f_done = [mem.stream(s).counters for s in range(A)]
     local = cfg.experts_on(f)
     expert_num = max(1, len(local)) * cfg.layers
     sync_group_size = A if cfg.mode == "sync" else 1
@@ -66,7 +93,10 @@ def body(rt) -> None:
             rt.ring(f"attn{s}")
         layers = mem.device.view(ctx.ffn.layer_ids_buf, 4 * out_num, np.int32, field="ffn.layer_ids_buf")
         mbs = mem.device.view(ctx.ffn.micro_batch_ids_buf, 4 * out_num, np.int32, field="ffn.micro_batch_ids_buf")
-        rt.at(-1, int(layers[0]), int(mbs[0]))
+        s0, layer0, m0 = int(sessions[0]), int(layers[0]), int(mbs[0])
+        step0 = _step_of(cfg, int(a2f_done[s0][A2F_DONE]), layer0, m0)
+        rt.at(step0, layer0, m0)
+        rt.check_faults(step0, layer0, m0)
         with rt.op("ffn_worker_batching"):
             batch = ffn_worker_batching(ctx, expert_num, [A, BS, K1, H], token_dtype=mem.token_dtype_code,
                                         need_schedule=0)
@@ -85,5 +115,7 @@ def body(rt) -> None:
                              batch.expert_offsets[:n], np.array([n], np.int64), group, cfg.world_size,
                              [M, BS, K1], [M, BS, K1, H], attn_rank_table=attn_rank_table)
         ffn_hop.append(time.monotonic_ns() - t0)
+        if rt.window_fault is not None:  # drop-flag / reorder hit one round only
+            rt.window_fault = None
         rt.progressed()
         rt.service()

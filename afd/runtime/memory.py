@@ -15,7 +15,7 @@ from ..ops.schedule_context import create_schedule_context_holder
 # Session stream counters: device events between the roles of one attention session (aclrtRecordEvent-like).
 SCHED_DONE, COMBINE_DONE, A2F_DONE = 0, 1, 2
 STATUS_FIELDS = ("pid", "state", "step", "layer", "micro_batch", "op", "heartbeat_ns", "progress", "busy_ns",
-                 "wait_ns", "stall", "exit_code")
+                 "wait_ns", "stall", "exit_code", "fault_ns")
 STATUS = {name: i for i, name in enumerate(STATUS_FIELDS)}
 STATE_NAMES = ["new", "registered", "running", "stopping", "exited", "failed", "hung"]
 OP_NAMES = ["idle", "attention", "attention_to_ffn", "attention_worker_scheduler_", "attention_worker_combine",

@@ -15,6 +15,7 @@ import zmq
 
 from .. import config as config_mod
 from .. import control
+from .. import faults as faults_mod
 from ..config import Config
 from ..device import Device, new_namespace, sweep
 from ..errors import AfdError
@@ -50,9 +51,13 @@ class Pipeline:
     """One pipeline run: `with Pipeline(cfg) as p: result = p.wait()`; exit always stops and removes everything."""
 
     def __init__(self, config: str | os.PathLike | dict | Config | None = None, overrides: list[str] | None = None,
-                 **values):
+                 faults: list | None = None, **values):
         self.cfg = config if isinstance(config, Config) and not overrides and not values else \
             config_mod.load(config, overrides, **values)
+        role_ids = self.cfg.role_ids()
+        # Faults from the config and from the caller, checked before anything starts.
+        self.faults = faults_mod.parse_all(self.cfg.faults, role_ids) + [
+            f if isinstance(f, faults_mod.Fault) else faults_mod.parse(f, role_ids) for f in (faults or [])]
         self.processes: dict[str, multiprocess.Process] = {}
         self.mem: RunMemory | None = None
         self.device: Device | None = None
@@ -83,6 +88,7 @@ class Pipeline:
                     endpoint, pub = (f"tcp://{cfg.control.host}:{p}" for p in _free_ports(cfg.control.host, 2))
             self.endpoint = endpoint
             self.mem.plan["token"] = os.urandom(16).hex()
+            self.mem.plan["faults"] = [f.to_dict() for f in self.faults]
             plan = self.mem.plan
             cfg_json = cfg.model_dump_json()
             spawn = multiprocess.get_context("spawn")
@@ -126,6 +132,14 @@ class Pipeline:
             self.mem.stop_all()
         if self.zctx is not None:
             self.dealer.send_multipart(control.encode("stop", {"reason": reason}))
+
+    def inject(self, fault) -> faults_mod.Fault:
+        """Inject a fault into the running pipeline (a spec string like `kill:ffn0@step=2` or a Fault)."""
+        if not isinstance(fault, faults_mod.Fault):
+            fault = faults_mod.parse(fault, self.cfg.role_ids())
+        self.faults.append(fault)
+        self.dealer.send_multipart(control.encode("inject", {"fault": fault.to_dict()}))
+        return fault
 
     @property
     def roles(self) -> dict[str, dict]:
@@ -201,8 +215,8 @@ class Pipeline:
                 if role != "controller":
                     self.dealer.send_multipart(control.encode("role_died", {"role": role,
                                                                             "exitcode": proc.exitcode}))
-                self._died_first = getattr(self, "_died_first", None) or (role, proc.exitcode, time.monotonic(),
-                                                                         self._in_flight(role))
+                self._died_first = getattr(self, "_died_first", None) or (role, proc.exitcode,
+                                                                         time.monotonic_ns(), self._in_flight(role))
 
     def _in_flight(self, role: str) -> dict:
         row = self.mem.status()[self.mem.role_index[role]]
@@ -212,7 +226,7 @@ class Pipeline:
         self._reap(2.0)
         exit_codes = {r: p.exitcode for r, p in self.processes.items()}
         self.result = build_result(self.cfg, self.mem, self._controller_result, getattr(self, "_died_first", None),
-                                   exit_codes, time.monotonic() - self._started)
+                                   exit_codes, time.monotonic() - self._started, self.faults)
         return self.result
 
     def _reap(self, grace: float) -> None:

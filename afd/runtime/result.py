@@ -7,6 +7,7 @@ import numpy as np
 
 from ..config import Config
 from ..model import reference
+from .memory import STATUS
 
 # Exit codes of `afd run` by what ended the run.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOST, EXIT_PROTOCOL = 0, 1, 2, 3, 4
@@ -27,6 +28,7 @@ class Result:
 
     outcome: str
     reason: str
+    faults: list
     exit_code: int
     config: Config
     steps: int
@@ -65,21 +67,37 @@ class Result:
                         "hops_us": self.hops_us},
             "outputs_match_reference": self.outputs_match_reference,
             "compared_micro_batches": self.compared, "mismatches": self.mismatches,
-            "failure": self.failure, "in_flight": self.in_flight,
+            "failure": self.failure, "in_flight": self.in_flight, "faults": self.faults,
             "malformed_messages": self.malformed_messages,
             "roles": self.roles,
         }
 
 
-def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_codes: dict, wall_s: float) -> Result:
+def _fault_report(mem, faults, failure, detect_ns: int) -> list[dict]:
+    """Each planned fault, whether it fired, and how long until the run noticed."""
+    status = mem.status()
+    fired_ns = {role: int(status[i][STATUS["fault_ns"]]) for role, i in mem.role_index.items()}
+    out = []
+    for f in faults:
+        ns = fired_ns.get(f.target, 0)
+        entry = {"spec": f.spec, "kind": f.kind, "target": f.target, "fired": bool(ns)}
+        if ns and detect_ns and detect_ns >= ns:
+            entry["detect_s"] = round((detect_ns - ns) / 1e9, 4)
+        out.append(entry)
+    return out
+
+
+def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_codes: dict, wall_s: float,
+                 faults: list = ()) -> Result:
     controller = controller or {}
     reports = controller.get("reports", {})
     failure = controller.get("failure")
     outcome = controller.get("outcome")
     reason = controller.get("reason", "")
     in_flight = controller.get("in_flight")
+    detect_ns = int(controller.get("detect_ns") or 0)
     if died_first is not None and (outcome is None or (failure and failure.get("kind") == "died")):
-        role, code, _, flight = died_first
+        role, code, detect_ns, flight = died_first
         kind = "controller" if role == "controller" else "died"
         outcome, failure = "failed", {"role": role, "kind": kind, "exitcode": code, "in_flight": flight}
         reason = f"{role} exited unexpectedly (exit code {code})" + (
@@ -96,9 +114,14 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
     match, compared, mismatches = None, int(written.sum()), []
     ref_finals: dict = {}
     if cfg.check_reference:
-        ref_digests, ref_finals = reference(cfg)
-        got = (digests & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        bad = written & (got != ref_digests)
+        # The reference only for the steps that ran: a run stopped early (afd stop, --steps 100000) must not
+        # compute every configured step after the stop.
+        ran = max(1, int(np.flatnonzero(written.any(axis=(1, 2))).max(initial=-1)) + 1)
+        ref_digests, ref_finals = reference(cfg if ran == cfg.steps else cfg.model_copy(update={"steps": ran}))
+        if ran != cfg.steps:
+            ref_finals = {}  # the final step never ran
+        got = (digests[:ran] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        bad = written[:ran] & (got != ref_digests)
         mismatches = [{"step": int(t), "session": int(s), "micro_batch": int(m)} for t, s, m in zip(*bad.nonzero())]
         match = not mismatches
     outputs = {}
@@ -134,7 +157,12 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
         outcome = "failed" if outcome == "completed" else outcome
         reason = reason + ("; " if reason else "") + f"{len(mismatches)} micro-batch outputs differ from the reference"
         exit_code = EXIT_PROTOCOL if exit_code == EXIT_OK else exit_code
-    return Result(outcome=outcome, reason=reason, exit_code=exit_code, config=cfg, steps=steps_done,
+    fault_report = _fault_report(mem, faults, failure, detect_ns)
+    fired_steps = [f.step for f in faults if f.step is not None]
+    if mismatches and faults and fired_steps and failure is None:
+        failure = {"role": faults[0].target, "kind": "wrong-output",
+                   "detail": "outputs differ from the reference (a flag was seen before its data)"}
+    return Result(outcome=outcome, reason=reason, faults=fault_report, exit_code=exit_code, config=cfg, steps=steps_done,
                   micro_batches=micro_batches, micro_batch_layers=layers_done,
                   run_s=float(controller.get("run_s") or wall_s), wall_s=wall_s, hops_us=hops_us,
                   outputs_match_reference=match, compared=compared, mismatches=mismatches[:50], roles=roles,

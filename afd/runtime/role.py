@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 
@@ -10,7 +11,9 @@ import zmq
 from .. import control
 from ..config import Config
 from ..errors import AfdError
+from ..faults import Fault
 from ..ops._polling import Stopped, Waiting
+from ..timing import hold_until
 from .memory import OP, STATUS, RunMemory
 
 
@@ -54,9 +57,14 @@ class RoleRuntime:
         self._next_service = 0
         self._next_heartbeat = 0
         self._last_controller = time.monotonic()
-        self._wait_start = 0
+        self._wait_start = self._wait_last = 0
+        self._wait_what = ""
         self.watched_run_flags: list = []
-        self.fault_hooks = None
+        self.faults: list[Fault] = []  # faults that target this role, not yet fired
+        self.fired: list[Fault] = []
+        self.delay_s = 0.0  # a `delay` fault: added to every op
+        self.window_fault: Fault | None = None  # drop-flag / reorder, applied by the FFN's window wrapper
+        self._started_at = time.monotonic()
         self.mem: RunMemory | None = None
         self.status = None
 
@@ -131,10 +139,58 @@ class RoleRuntime:
                     self.on_start(payload)
                     return
                 if kind == "stop":
-                    raise Stopped(payload.get("reason", "stopped before start"))
+                    raise Stopped(reason=payload.get("reason", "stopped before start"))
 
     def on_start(self, payload: dict) -> None:
-        """Hook for roles (faults arrive with the start message)."""
+        """Faults arrive with the start message; keep the ones that target this role."""
+        self._started_at = time.monotonic()
+        self.faults = [f for f in map(Fault.from_dict, payload.get("faults", [])) if f.target == self.role]
+
+    # -- faults -----------------------------------------------------------------------------------------
+    def check_faults(self, step: int, layer: int, micro_batch: int) -> None:
+        """Fire every fault of this role that is due at this unit (or time)."""
+        if not self.faults:
+            return
+        elapsed = time.monotonic() - self._started_at
+        for fault in [f for f in self.faults if f.due(step, layer, micro_batch, elapsed)]:
+            self.faults.remove(fault)
+            self.fire(fault)
+
+    def fire(self, fault: Fault) -> None:
+        self.fired.append(fault)
+        self.status[STATUS["fault_ns"]] = time.monotonic_ns()
+        kind = fault.kind
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "hang":
+            self._hang()
+        elif kind == "stop":
+            self.mem.stop_all()  # the path stop_schedule() takes: run_flag = 0 in the contexts
+            self.send("stop", {"token": self.plan.get("token"), "reason": f"fault {fault.spec}"})
+        elif kind == "delay":
+            self.delay_s = fault.params["ms"] / 1000.0
+        elif kind == "corrupt":
+            self._corrupt(fault.params["field"])
+        elif kind in ("drop-flag", "reorder"):
+            self.window_fault = fault
+
+    def _hang(self) -> None:
+        """Stop making progress (no heartbeat, no ops) but stay alive; leave only if the launcher is gone."""
+        while True:
+            time.sleep(0.05)
+            self._check_launcher()
+
+    def _corrupt(self, field: str) -> None:
+        c = self.cfg
+        if self.role.startswith("ffn"):
+            ctx = self.mem.ffn_context(int(self.role[3:]))
+            bad = {"polling_index": c.micro_batch_num + 3, "schedule_mode": 2, "token_info_buf": 0}
+            setattr(ctx.ffn if field != "schedule_mode" else ctx.common, field, bad[field])
+        else:
+            session = int("".join(ch for ch in self.role if ch.isdigit()))
+            ctx = self.mem.attention_context(session)
+            bad = {"micro_batch_id": c.micro_batch_num + 3, "schedule_mode": 2, "token_info_buf": 0}
+            setattr(ctx.attention if field != "schedule_mode" else ctx.common, field, bad[field])
 
     # -- doorbells --------------------------------------------------------------------------------------
     def ring(self, role_id: str) -> None:
@@ -154,9 +210,10 @@ class RoleRuntime:
     # -- waiting ----------------------------------------------------------------------------------------
     def idle(self, waiting: Waiting) -> None:
         """The wait policy the ops call between scans: spin (sched_yield) briefly, then block on the doorbell."""
-        now = time.perf_counter_ns()
+        now = self._wait_last = time.perf_counter_ns()  # CLOCK_MONOTONIC on Linux, like the events
         if waiting.iterations <= 1:
             self._wait_start = now
+            self._wait_what = waiting.what
             self._set_op(OP["wait"])
         waited = now - self._wait_start
         if now < self._next_service and (self.cfg.wait == "spin" or waited < self._spin_ns):
@@ -167,12 +224,13 @@ class RoleRuntime:
             for flag in self.watched_run_flags:
                 flag[0] = 0  # this host's truth; the op re-reads it and returns OK like the real kernel
             if waiting.op not in RUN_FLAG_OPS:
-                raise Stopped(self.stop_reason or "run_flag=0")
-        if waited > self._stall_ns:
+                raise Stopped(waiting, self.stop_reason or "run_flag=0")
+        if waited > self._stall_ns * (2 if waiting.op.endswith(" stream") else 1):  # op watchdogs report first
             self.status[STATUS["stall"]] = 1
             raise Stall(self.role, waiting, waited / 1e9)
         if self.cfg.wait != "spin" and waited >= self._spin_ns:
             self._block(min(self._service_ns, self._stall_ns - waited) // 1_000_000 + 1)
+            self._wait_last = time.perf_counter_ns()
 
     @property
     def _spin_ns(self) -> int:
@@ -202,11 +260,19 @@ class RoleRuntime:
         if condition():
             return
         waiting = Waiting(f"{self.role} stream", what, micro_batch_id, needed=1)
+        t0 = time.monotonic_ns()
         while True:
             waiting.iterations += 1
             self.idle(waiting)
             if condition():
-                return
+                break
+        t1 = time.monotonic_ns()
+        s = self.status
+        s[STATUS["wait_ns"]] += t1 - t0
+        self._set_op(0)
+        if self.cfg.trace:
+            self.events.append(("wait", t0, t1, int(s[STATUS["step"]]), int(s[STATUS["layer"]]),
+                                int(s[STATUS["micro_batch"]]), {"for": what}))
 
     # -- housekeeping -----------------------------------------------------------------------------------
     def service(self, now: int | None = None) -> None:
@@ -229,8 +295,10 @@ class RoleRuntime:
             if kind == "stop":
                 self.stopping = True
                 self.stop_reason = payload.get("reason", "stop")
-            elif kind == "fault" and self.fault_hooks is not None:
-                self.fault_hooks(payload)
+            elif kind == "fault":
+                fault = Fault.from_dict(payload["fault"])
+                if fault.target == self.role:
+                    self.faults.append(fault)
         if any(flag[0] == 0 for flag in self.watched_run_flags):
             self.stopping = True
             self.stop_reason = self.stop_reason or "run_flag=0"
@@ -240,6 +308,9 @@ class RoleRuntime:
             self.dealer.send_multipart(control.encode("heartbeat", {"progress": int(self.status[STATUS["progress"]])}),
                                        zmq.NOBLOCK)
         self._check_launcher()
+        if self.faults and any(f.t is not None for f in self.faults):
+            s = self.status
+            self.check_faults(int(s[STATUS["step"]]), int(s[STATUS["layer"]]), int(s[STATUS["micro_batch"]]))
         if time.monotonic() - self._last_controller > max(1.0, 5 * self.cfg.heartbeat_interval_s):
             raise ControllerLost(f"{self.role}: controller silent for "
                                  f"{time.monotonic() - self._last_controller:.1f}s")
@@ -256,8 +327,16 @@ class RoleRuntime:
         s = self.status
         s[STATUS["step"]], s[STATUS["layer"]], s[STATUS["micro_batch"]] = step, layer, micro_batch
 
-    def op(self, name: str):
-        return _OpSpan(self, name)
+    def op(self, name: str, args: dict | None = None, device_ns: int = 0):
+        """Span of one op; `device_ns` > 0 holds the op until t0 + device_ns (the emulated device time)."""
+        return _OpSpan(self, name, args, device_ns)
+
+    def event(self, name: str, t_ns: int, args: dict | None = None) -> None:
+        """An instant event (e.g. flags observed ready) at the current step/layer/micro-batch."""
+        if self.cfg.trace:
+            s = self.status
+            self.events.append((name, t_ns, t_ns, int(s[STATUS["step"]]), int(s[STATUS["layer"]]),
+                                int(s[STATUS["micro_batch"]]), args))
 
     def progressed(self) -> None:
         self.status[STATUS["progress"]] += 1
@@ -269,7 +348,8 @@ class RoleRuntime:
         """Send the final report (stats, events) to the controller; best effort."""
         payload = {"role": self.role, "outcome": outcome, "malformed": self.malformed,
                    "events": self.events if self.cfg and self.cfg.trace else [], "extra": extra or {},
-                   "metrics": self.metrics}
+                   "metrics": self.metrics, "pid": os.getpid(),
+                   "clock_offset_ns": 0}  # add to local CLOCK_MONOTONIC to get the controller's clock (same host: 0)
         if error is not None:
             payload["error"] = describe_error(error)
         if self.status is not None:
@@ -290,24 +370,34 @@ class RoleRuntime:
 class _OpSpan:
     """Times one op for the status table and the event list."""
 
-    __slots__ = ("rt", "name", "t0", "args")
+    __slots__ = ("rt", "name", "t0", "args", "device_ns")
 
-    def __init__(self, rt: RoleRuntime, name: str):
-        self.rt, self.name = rt, name
+    def __init__(self, rt: RoleRuntime, name: str, args: dict | None = None, device_ns: int = 0):
+        self.rt, self.name, self.args, self.device_ns = rt, name, args, device_ns
 
     def __enter__(self):
         self.rt._set_op(OP.get(self.name, 0))
         self.t0 = time.monotonic_ns()
+        if self.rt.delay_s:  # a straggler: the op takes this much longer
+            time.sleep(self.rt.delay_s)
         return self
 
     def __exit__(self, *exc):
+        rt = self.rt
+        if self.device_ns and exc[0] is None:
+            hold_until(self.t0 + self.device_ns)
         t1 = time.monotonic_ns()
-        s = self.rt.status
-        s[STATUS["busy_ns"]] += t1 - self.t0
-        self.rt._set_op(0)
-        if self.rt.cfg.trace:
-            self.rt.events.append((self.name, self.t0, t1, int(s[STATUS["step"]]), int(s[STATUS["layer"]]),
-                                   int(s[STATUS["micro_batch"]])))
+        s = rt.status
+        waited = rt._wait_last - rt._wait_start if rt._wait_start >= self.t0 else 0
+        s[STATUS["busy_ns"]] += t1 - self.t0 - waited
+        s[STATUS["wait_ns"]] += waited
+        rt._set_op(0)
+        if rt.cfg.trace:
+            step, layer, mb = int(s[STATUS["step"]]), int(s[STATUS["layer"]]), int(s[STATUS["micro_batch"]])
+            rt.events.append((self.name, self.t0, t1, step, layer, mb, self.args))
+            if waited:
+                rt.events.append(("wait", rt._wait_start, rt._wait_last, step, layer, mb,
+                                  {"for": rt._wait_what, "in": self.name}))
         return False
 
 
@@ -319,9 +409,12 @@ def describe_error(error: BaseException) -> dict:
         w = error.waiting
         out["waiting"] = {"op": w.op, "what": w.what, "micro_batch_id": w.micro_batch_id, "ready": w.ready,
                           "needed": w.needed}
-        if w.flags is not None:
-            missing = [[int(t), int(k)] for t, k in zip(*(w.flags != 1).nonzero())]
-            out["waiting"]["missing"] = missing[:64]
+        details = getattr(error, "details", None)
+        if details is not None:
+            out["missing"] = details[:64]
+            out["message"] += "; missing: " + ", ".join(
+                f"mb {d['micro_batch']} token {d['token']} slot {d['expert_slot']} expert {d['expert_id']} "
+                f"(owed by ffn{d['ffn_rank']})" for d in details[:4]) + (" ..." if len(details) > 4 else "")
     if not isinstance(error, (AfdError, Stopped, ControllerLost)):
         out["traceback"] = traceback.format_exc(limit=8)
     return out

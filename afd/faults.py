@@ -1,0 +1,161 @@
+"""Fault plans: `KIND[:TARGET][@WHEN]` specs, when they fire, and the outcome each kind must end in."""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+KINDS = ("stop", "kill", "hang", "drop-flag", "delay", "corrupt", "reorder")
+DEFAULT_TARGET = {"stop": "combine0", "kill": "ffn0", "hang": "ffn0", "drop-flag": "ffn0", "delay": "ffn0",
+                  "corrupt": "sched0", "reorder": "ffn0"}
+WHEN_KEYS = ("step", "layer", "mb", "t")
+PARAM_KEYS = {"delay": {"ms"}, "drop-flag": {"slots"}, "corrupt": {"field"}, "reorder": {"ms"}}
+CORRUPT_FIELDS = {"attention": ("micro_batch_id", "schedule_mode", "token_info_buf"),
+                  "ffn": ("polling_index", "schedule_mode", "token_info_buf")}
+
+# What each kind must end in: (outcome, exit code, failure kind or None). The README table mirrors this.
+DOCUMENTED = {
+    "stop": ("stopped", 0, None),
+    "kill": ("failed", 3, "died"),
+    "kill:controller": ("failed", 3, "controller"),
+    "hang": ("failed", 3, "hang"),
+    "drop-flag": ("failed", 4, "error"),
+    "delay": ("completed", 0, None),
+    "corrupt": ("failed", 4, "error"),
+    "reorder": ("failed", 4, None),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault: what, on which role, and when (any of step/layer/mb, or t seconds after start)."""
+
+    kind: str
+    target: str
+    step: int | None = None
+    layer: int | None = None
+    mb: int | None = None
+    t: float | None = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> str:
+        when = [f"{k}={getattr(self, k)}" for k in WHEN_KEYS if getattr(self, k) is not None]
+        when += [f"{k}={v}" for k, v in self.params.items()]
+        return f"{self.kind}:{self.target}" + (f"@{','.join(when)}" if when else "")
+
+    def due(self, step: int, layer: int, mb: int, elapsed_s: float) -> bool:
+        """True once the role reaches (step, layer, mb) — every given coordinate must match — or time t."""
+        if self.t is not None:
+            return elapsed_s >= self.t
+        if self.step is None and self.layer is None and self.mb is None:
+            return True
+        return ((self.step is None or step == self.step) and (self.layer is None or layer == self.layer)
+                and (self.mb is None or mb == self.mb))
+
+    def reached(self, step: int, layer: int, mb: int, elapsed_s: float) -> bool:
+        """For observers that sample progress (the controller): the point is at or behind (step, layer, mb)."""
+        if self.t is not None:
+            return elapsed_s >= self.t
+        point = (self.step or 0, self.layer or 0, self.mb or 0)
+        return (step, layer, mb) >= point
+
+    def documented(self) -> tuple[str, int, str | None]:
+        return DOCUMENTED["kill:controller" if self.kind == "kill" and self.target == "controller" else self.kind]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fault":
+        return cls(**d)
+
+
+def parse(spec: str, role_ids: list[str] | None = None) -> Fault:
+    """Parse `KIND[:TARGET][@WHEN]`; WHEN is `step=N,layer=L,mb=M` (combinable) or `t=SECONDS`, plus kind params."""
+    text = spec.strip()
+    head, _, when = text.partition("@")
+    kind, _, target = head.partition(":")
+    if kind not in KINDS:
+        raise ConfigError(f"fault {spec!r}", f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
+    target = target or DEFAULT_TARGET[kind]
+    if role_ids is not None and target not in role_ids:
+        raise ConfigError(f"fault {spec!r}", f"target {target!r} is not a role of this run ({', '.join(role_ids)})")
+    if kind in ("drop-flag", "reorder") and not target.startswith("ffn"):
+        raise ConfigError(f"fault {spec!r}", f"{kind} targets an FFN rank (ffn<f>), not {target!r}")
+    if kind in ("hang", "delay", "drop-flag", "reorder", "corrupt") and target == "controller":
+        raise ConfigError(f"fault {spec!r}", f"{kind} cannot target the controller")
+    values: dict = {}
+    params: dict = {}
+    if when:
+        for part in when.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"fault {spec!r}", f"WHEN part {part!r} must be key=value")
+            if key in WHEN_KEYS:
+                try:
+                    values[key] = float(value) if key == "t" else int(value)
+                except ValueError:
+                    raise ConfigError(f"fault {spec!r}", f"{key} must be a number, got {value!r}") from None
+                if values[key] < 0:
+                    raise ConfigError(f"fault {spec!r}", f"{key} must be >= 0")
+            elif key in PARAM_KEYS.get(kind, ()):
+                params[key] = value
+            else:
+                allowed = list(WHEN_KEYS) + sorted(PARAM_KEYS.get(kind, ()))
+                raise ConfigError(f"fault {spec!r}", f"unknown WHEN key {key!r}; use {', '.join(allowed)}")
+        if "t" in values and len(values) > 1:
+            raise ConfigError(f"fault {spec!r}", "t=SECONDS cannot be combined with step/layer/mb")
+    if kind == "corrupt":
+        area = "ffn" if target.startswith("ffn") else "attention"
+        params.setdefault("field", CORRUPT_FIELDS[area][0])
+        if params["field"] not in CORRUPT_FIELDS[area]:
+            raise ConfigError(f"fault {spec!r}", f"field must be one of {', '.join(CORRUPT_FIELDS[area])} for {target}")
+    if kind in ("delay", "reorder"):
+        try:
+            params["ms"] = float(params.get("ms", 5 if kind == "delay" else 50))
+        except ValueError:
+            raise ConfigError(f"fault {spec!r}", f"ms must be a number, got {params['ms']!r}") from None
+    if kind == "drop-flag":
+        slots = params.get("slots", "1")
+        if slots != "all":
+            try:
+                params["slots"] = int(slots)
+            except ValueError:
+                raise ConfigError(f"fault {spec!r}", f"slots must be a whole number or 'all', got {slots!r}") from None
+            if params["slots"] <= 0:
+                raise ConfigError(f"fault {spec!r}", "slots must be > 0")
+    return Fault(kind, target, values.get("step"), values.get("layer"), values.get("mb"), values.get("t"), params)
+
+
+def parse_all(specs: list[str], role_ids: list[str]) -> list[Fault]:
+    return [parse(s, role_ids) for s in specs]
+
+
+def random_fault(rng: random.Random, config) -> Fault:
+    """A random fault at a random point of a run of `config` (for campaigns)."""
+    kind = rng.choice(KINDS)
+    roles = [r for r in config.role_ids() if r != "controller"]
+    ffns = [r for r in roles if r.startswith("ffn")]
+    if kind in ("drop-flag", "reorder"):
+        target = rng.choice(ffns)
+    elif kind == "corrupt":
+        target = rng.choice([r for r in roles if r.startswith(("sched", "combine", "ffn"))])
+    elif kind == "stop":
+        target = rng.choice(["controller", "combine0"])
+    elif kind == "kill":
+        target = rng.choice(roles + ["controller"])
+    else:
+        target = rng.choice(roles)
+    step = rng.randrange(config.steps)
+    layer = rng.randrange(config.layers)
+    params = {}
+    if kind == "corrupt":
+        area = "ffn" if target.startswith("ffn") else "attention"
+        params["field"] = rng.choice(CORRUPT_FIELDS[area])
+    spec = f"{kind}:{target}@step={step},layer={layer}" + "".join(f",{k}={v}" for k, v in params.items())
+    if kind == "delay":
+        spec += ",ms=2"
+    return parse(spec, config.role_ids())
