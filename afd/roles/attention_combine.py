@@ -46,6 +46,7 @@ def body(rt) -> None:
             last_flag = int(stream.f2a_last_flag_ns[:, m].max())
             if last_flag:
                 hop_ns.append(time.monotonic_ns() - last_flag)
+            rt.event("flags_ready", time.monotonic_ns(), {"last_flag_ns": last_flag})
         stream.y[m] = y
         if layer == cfg.layers - 1:
             outputs[s, m] = y

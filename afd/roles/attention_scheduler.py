@@ -56,6 +56,7 @@ def body(rt) -> None:
         last_flag = int(stream.f2a_last_flag_ns[:, m].max())
         if last_flag:
             hop_ns.append(done - last_flag)
+        rt.event("flags_ready", done, {"last_flag_ns": last_flag})
         counters[SCHED_DONE] = i + 1
         rt.ring(f"combine{s}")
         rt.progressed()

@@ -6,6 +6,7 @@ import numpy as np
 from ..model import Model
 from ..ops.attention_to_ffn import attention_to_ffn
 from ..runtime.memory import A2F_DONE, COMBINE_DONE
+from ..timing import DeviceTime, a2f_bytes
 from ._schedule import total_units, unit
 
 
@@ -26,6 +27,9 @@ def body(rt) -> None:
     mask = None if cfg.valid_tokens == BS else (np.arange(BS) < cfg.valid_tokens)[None, :]
     sync_flag = 0 if cfg.mode == "sync" else 1
     layer_input: dict[int, np.ndarray] = {}
+    device = DeviceTime(cfg)
+    attention_ns, a2f_args = device.attention_ns(cfg.valid_tokens), {"bytes": a2f_bytes(cfg)}
+    a2f_ns = device.link_ns(a2f_args["bytes"])
     for i in range(total_units(cfg)):
         t, layer, m = unit(cfg, i)
         rt.at(t, layer, m)
@@ -34,12 +38,12 @@ def body(rt) -> None:
             rt.wait_until(lambda: counters[COMBINE_DONE] >= i - M + 1, "attention_worker_combine output", m)
         h = model.input(t, s, m) if layer == 0 else model.residual(layer_input[m], stream.y[m])
         layer_input[m] = h
-        with rt.op("attention"):
+        with rt.op("attention", None, attention_ns):
             a = model.attention(layer, h)
             ids, scales = model.gate(layer, a)
         stream.scales[m] = scales  # read by combine<s> for this micro-batch
         stream.expert_ids[m] = ids  # read by watchdogs to name a missing expert
-        with rt.op("attention_to_ffn"):
+        with rt.op("attention_to_ffn", a2f_args, a2f_ns):
             attention_to_ffn(a[None], np.array([s], np.int32), np.array([m], np.int32),
                              np.array([layer], np.int32), ids[None], table, active_mask=mask, group=group,
                              world_size=cfg.world_size, moe_expert_num=cfg.routed_experts, sync_flag=sync_flag,

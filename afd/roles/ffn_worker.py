@@ -10,6 +10,7 @@ from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
 from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
 from ..runtime.memory import A2F_DONE
+from ..timing import DeviceTime
 from ._schedule import unit
 
 
@@ -79,6 +80,8 @@ def body(rt) -> None:
     sync_group_size = A if cfg.mode == "sync" else 1
     attn_rank_table = np.arange(F, F + A, dtype=np.int32)
     ffn_hop = rt.metrics.setdefault("ffn_ns", [])
+    device = DeviceTime(cfg)
+    passes: dict[tuple[int, int], int] = {}  # (session, mb) -> last layer pass p = step * layers + layer seen
     while True:
         with rt.op("ffn_worker_scheduler_"):
             ffn_worker_scheduler_(ctx, sync_group_size, idle=rt.idle)
@@ -97,12 +100,19 @@ def body(rt) -> None:
         step0 = _step_of(cfg, int(a2f_done[s0][A2F_DONE]), layer0, m0)
         rt.at(step0, layer0, m0)
         rt.check_faults(step0, layer0, m0)
-        with rt.op("ffn_worker_batching"):
+        units = []  # [session, micro_batch, layer, step] of this round, for the trace
+        for key in dict.fromkeys(zip(sessions.tolist(), mbs.tolist(), layers.tolist())):
+            last = passes.get(key[:2], -1)
+            p = last + 1 + (key[2] - last - 1) % cfg.layers  # next pass of this (session, mb) at that layer
+            passes[key[:2]] = p
+            units.append([*key, p // cfg.layers])
+        round_args = {"units": units}
+        with rt.op("ffn_worker_batching", round_args):
             batch = ffn_worker_batching(ctx, expert_num, [A, BS, K1, H], token_dtype=mem.token_dtype_code,
                                         need_schedule=0)
         n = int(batch.actual_token_num[0])
         out = np.empty((n, H), dtype=model.dtype)
-        with rt.op("experts"):
+        with rt.op("experts", round_args, device.expert_ns(n)):
             start = 0
             for local_id, count in batch.group_list.tolist():
                 if count == 0:
@@ -110,7 +120,8 @@ def body(rt) -> None:
                 layer, j = divmod(int(local_id), max(1, len(local)))
                 out[start:start + count] = model.expert(layer, local[j], batch.y[start:start + count])
                 start += count
-        with rt.op("ffn_to_attention"):
+        f2a_bytes = n * cfg.token_bytes
+        with rt.op("ffn_to_attention", {"units": units, "bytes": f2a_bytes}, device.link_ns(f2a_bytes)):
             ffn_to_attention(out, batch.session_ids[:n], batch.micro_batch_ids[:n], batch.token_ids[:n],
                              batch.expert_offsets[:n], np.array([n], np.int64), group, cfg.world_size,
                              [M, BS, K1], [M, BS, K1, H], attn_rank_table=attn_rank_table)
