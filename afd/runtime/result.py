@@ -46,6 +46,8 @@ class Result:
     malformed_messages: int
     outputs: dict = field(default_factory=dict, repr=False)
     reference: dict = field(default_factory=dict, repr=False)
+    events: list = field(default_factory=list, repr=False)  # afd.trace.Event, every role's (when cfg.trace)
+    metrics: dict = field(default_factory=dict)  # afd.metrics.compute: busy/wait/idle, bubble, hops, rates
 
     @property
     def micro_batches_per_s(self) -> float:
@@ -69,7 +71,7 @@ class Result:
             "compared_micro_batches": self.compared, "mismatches": self.mismatches,
             "failure": self.failure, "in_flight": self.in_flight, "faults": self.faults,
             "malformed_messages": self.malformed_messages,
-            "roles": self.roles,
+            "roles": self.roles, "metrics": self.metrics,
         }
 
 
@@ -135,6 +137,9 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
         for name, samples in (rep.get("metrics") or {}).items():
             hops.setdefault(name, []).extend(samples)
     hops_us = {name: percentiles(samples) for name, samples in sorted(hops.items())}
+    from .. import metrics as metrics_mod, trace as trace_mod
+    events = trace_mod.collect(reports)
+    run_metrics = metrics_mod.compute(events, cfg)
 
     roles = {}
     for role, code in exit_codes.items():
@@ -167,4 +172,4 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
                   run_s=float(controller.get("run_s") or wall_s), wall_s=wall_s, hops_us=hops_us,
                   outputs_match_reference=match, compared=compared, mismatches=mismatches[:50], roles=roles,
                   failure=failure, in_flight=in_flight, malformed_messages=int(controller.get("malformed", 0)),
-                  outputs=outputs, reference=ref_finals)
+                  outputs=outputs, reference=ref_finals, events=events, metrics=run_metrics)
