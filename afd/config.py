@@ -76,7 +76,7 @@ class Config(_Strict):
     run_timeout_s: Number = Field(600.0, gt=0)
     strict: StrictBool = False
     check_reference: StrictBool = True
-    trace: StrictBool = False
+    trace: StrictBool = Field(True, description="record op/wait/flag events (cheap); afd run --trace FILE writes them")
     device_time: DeviceTimeConfig | None = Field(None, description="emulated device times; None = off")
     control: ControlConfig = ControlConfig()
     hosts: dict[StrictStr, HostConfig] | None = None
