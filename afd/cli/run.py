@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
                         "WHEN is step=N,layer=L,mb=M or t=SECONDS")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here (whatever the outcome)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trace", metavar="FILE", help="write the Chrome trace JSON here (Perfetto, chrome://tracing)")
+    p.add_argument("--plot", metavar="FILE", help="draw the timeline PNG here (needs the plot extra: matplotlib)")
     p.set_defaults(handler=main)
 
 
@@ -41,6 +43,15 @@ def summary_table(result) -> Table:
     for name, p in result.hops_us.items():
         if p:
             table.add_row(f"latency {name}", f"p50 {p['p50']:.1f} us  p99 {p['p99']:.1f} us  (n={p['n']})")
+    m = result.metrics
+    if m:
+        table.add_row("bubble fraction", f"{m['bubble_fraction']:.2f}" if m.get("bubble_fraction") is not None
+                      else "-")
+        table.add_row("busy / waiting / idle", "  ".join(f"{r} {v['busy']:.0%}/{v['waiting']:.0%}/{v['idle']:.0%}"
+                                                        for r, v in m["roles"].items()))
+        for name, p in m["hops_us"].items():
+            if p:
+                table.add_row(f"hop {name}", f"p50 {p['p50']:.1f} us  p90 {p['p90']:.1f} us  p99 {p['p99']:.1f} us")
     match = result.outputs_match_reference
     table.add_row("outputs match reference", "not checked" if match is None else
                   ("yes" if match else f"NO ({len(result.mismatches)} differ)") + f" ({result.compared} compared)")
@@ -58,6 +69,11 @@ def main(args) -> int:
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
+    if args.trace or args.plot:
+        overrides.append("trace=true")
+    if args.plot:
+        from ..plot import _pyplot
+        _pyplot()  # a missing matplotlib is a usage error before the run, not after it
     console = Console(stderr=True)
     pipeline = Pipeline(args.config, overrides, faults=args.faults)
     show = not args.quiet and console.is_terminal
@@ -74,6 +90,12 @@ def main(args) -> int:
             result = pipeline.wait()
     if args.report:
         write_report(result, args.report)
+    if args.trace:  # written whatever the outcome: a fault's trace ends at the fault
+        from ..trace import write_result
+        write_result(args.trace, result)
+    if args.plot:
+        from ..plot import plot_result
+        plot_result(result, args.plot)
     Console().print(summary_table(result))
     if result.exit_code:
         print(f"afd: run {result.outcome}: {result.reason}", file=sys.stderr)
