@@ -1,0 +1,210 @@
+"""Real pipeline runs (these start processes): every shipped config completes and matches the reference, every role
+is its own process, `afd stop` ends a run within 2 s, and nothing of a run is left behind afterwards."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from afd import config as config_mod
+from afd import control, device
+from afd.cli.stop import request_stop
+from afd.runtime.memory import STATUS
+from afd.runtime.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def own_runs_root(tmp_path, monkeypatch):
+    """Runs of these tests live in their own runs root, so live_runs() sees only them (not other users' runs)."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("AFD_RUN_DIR", str(root))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_segments(monkeypatch):
+    """Overrides the suite-wide guard of tests/conftest.py for these tests: that one diffs every afd segment in
+    /dev/shm, so any other pipeline running on the machine meanwhile fails the test (and gets its live segments
+    swept). Here only this test's runs count: namespaces made in this process, plus those a test registers."""
+    import afd.runtime.pipeline as pipeline_mod
+    ours: list[str] = []
+
+    def recording_new_namespace() -> str:
+        ns = device.new_namespace()
+        ours.append(ns)
+        return ns
+
+    monkeypatch.setattr(pipeline_mod, "new_namespace", recording_new_namespace)
+    yield ours
+    leaked = [name for ns in ours for name in device.list_segments(ns)]
+    for ns in ours:
+        device.sweep(ns)
+    if leaked:
+        pytest.fail(f"test left shared-memory segments behind: {leaked}")
+
+
+def pid_running(pid: int) -> bool:
+    """True while /proc shows the pid as a live (non-zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def assert_nothing_left(namespace: str, pids, run_dir: Path) -> None:
+    alive = [pid for pid in pids if pid_running(pid)]
+    assert not alive, f"processes of run {namespace} still alive: {alive}"
+    assert device.list_segments(namespace) == [], f"shared-memory segments of run {namespace} left"
+    assert not run_dir.exists(), f"run directory {run_dir} (control sockets, run.json) left"
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def controller_phase(endpoint: str) -> str | None:
+    """Ask the controller for its phase (the "status" message); None when it does not answer in 0.5 s."""
+    ctx = zmq.Context()
+    try:
+        sock = control.socket(ctx, zmq.DEALER)
+        sock.connect(endpoint)
+        sock.send_multipart(control.encode("status"))
+        if sock.poll(500, zmq.POLLIN):
+            kind, payload = control.decode(sock.recv_multipart())
+            if kind == "status_reply":
+                return payload["phase"]
+        return None
+    finally:
+        ctx.destroy(linger=0)
+
+
+# -- every shipped config, as shipped --------------------------------------------------------------------
+
+def test_configs_are_shipped():
+    names = {p.stem for p in CONFIGS}
+    assert {"minimal", "deepseek", "async", "masked", "fused", "multi"} <= names
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_runs_to_completion_in_separate_processes(path):
+    cfg = config_mod.load(path)
+    with Pipeline(cfg) as p:
+        namespace, run_dir = p.device.namespace, p.run_dir
+        assert run_dir.is_dir() and (run_dir / "run.json").is_file()
+        roles = p.roles
+        assert set(roles) == set(cfg.role_ids())
+        pids = [r["pid"] for r in roles.values()]
+        assert len(set(pids)) == len(pids), f"roles share a process: {roles}"
+        assert os.getpid() not in pids
+        result = p.wait(60)
+    assert result.outcome == "completed", (result.reason, result.failure)
+    assert result.exit_code == 0
+    assert result.outputs_match_reference is True
+    assert result.steps == cfg.steps
+    assert result.compared == cfg.steps * cfg.sessions * cfg.micro_batch_num
+    assert all(r["exit_code"] == 0 for r in result.roles.values()), result.roles
+    assert_nothing_left(namespace, pids, run_dir)
+
+
+@pytest.mark.timeout(120)
+def test_scheduler_reads_flags_written_by_another_process():
+    """sched0 and ffn0 are different processes (each writes its own pid into the shared status table), and the
+    scheduler measured the hop from ffn0's F2A flag stores to its own poll seeing them."""
+    with Pipeline(ROOT / "configs" / "minimal.yaml") as p:
+        namespace, run_dir = p.device.namespace, p.run_dir
+        roles = p.roles
+        sched, ffn = roles["sched0"]["pid"], roles["ffn0"]["pid"]
+        assert sched != ffn
+        status = p.mem.status()
+        idx = p.mem.role_index
+        # each role writes os.getpid() into its status row once it runs: the processes are who Pipeline says
+        wait_until(lambda: all(status[idx[r]][STATUS["pid"]] != 0 for r in ("sched0", "ffn0")), 30,
+                   "sched0 and ffn0 to write their status rows")
+        assert int(status[idx["sched0"]][STATUS["pid"]]) == sched
+        assert int(status[idx["ffn0"]][STATUS["pid"]]) == ffn
+        result = p.wait(60)
+    assert result.outcome == "completed" and result.exit_code == 0
+    assert result.outputs_match_reference is True
+    hop = result.hops_us.get("flag_hop_ns")
+    cfg = result.config
+    assert hop and hop["n"] >= cfg.steps * cfg.layers * cfg.micro_batch_num, result.hops_us
+    assert result.hops_us.get("ffn_ns"), result.hops_us
+    assert_nothing_left(namespace, [r["pid"] for r in roles.values()], run_dir)
+
+
+@pytest.mark.timeout(120)
+def test_overrides_and_a_short_run():
+    """--set style overrides reach the processes (steps, micro-batches, tcp control plane)."""
+    with Pipeline(ROOT / "configs" / "multi.yaml", ["steps=1", "micro_batch_num=2", "control.transport=tcp"]) as p:
+        assert p.endpoint.startswith("tcp://127.0.0.1:")
+        namespace, run_dir, pids = p.device.namespace, p.run_dir, [r["pid"] for r in p.roles.values()]
+        result = p.wait(60)
+    assert result.outcome == "completed" and result.exit_code == 0 and result.outputs_match_reference is True
+    assert result.steps == 1 and result.compared == 1 * 2 * 2
+    assert_nothing_left(namespace, pids, run_dir)
+
+
+# -- afd stop during a run -------------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_afd_stop_ends_a_running_pipeline(tmp_path, own_runs_root, no_leftover_segments):
+    report = tmp_path / "report.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.Popen([sys.executable, "-m", "afd", "run", str(ROOT / "configs" / "minimal.yaml"),
+                            "--steps", "100000", "--report", str(report), "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        info = wait_until(lambda: control.live_runs(), 30, "the run to appear in live_runs()")
+        assert len(info) == 1
+        info = info[0]
+        no_leftover_segments.append(info["namespace"])
+        assert info["pid"] == run.pid and info["name"] == "minimal"
+        run_dir = own_runs_root / info["namespace"]
+        pids = list(info["roles"].values())
+        wait_until(lambda: controller_phase(info["endpoint"]) == "running", 30, "the run to start")
+        time.sleep(0.3)  # a few steps in flight
+
+        # a stop without the run's token is refused: no ack, the run goes on
+        assert request_stop(info["endpoint"], None, timeout_s=0.5) is None
+        assert controller_phase(info["endpoint"]) == "running"
+
+        stop = subprocess.run([sys.executable, "-m", "afd", "stop", "--wait", "0"], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=30)
+        acked = time.monotonic()
+        assert stop.returncode == 0, stop.stderr
+        assert "acknowledged" in stop.stdout and str(run.pid) in stop.stdout
+        out, err = run.communicate(timeout=30)
+        wait_until(lambda: not any(pid_running(p) for p in pids), 2.0, "every role process to exit")
+        exited_s = time.monotonic() - acked
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert exited_s < 2.0, f"processes exited {exited_s:.2f}s after the acknowledged stop"
+    assert run.returncode == 0, err
+    rep = json.loads(report.read_text())
+    assert rep["outcome"] == "stopped", rep["reason"]
+    assert rep["exit_code"] == 0
+    assert 0 < rep["counts"]["steps"] < 100000
+    assert rep["outputs_match_reference"] is True
+    assert all(r["exit_code"] == 0 for r in rep["roles"].values()), rep["roles"]
+    assert "stopped" in out
+    assert_nothing_left(info["namespace"], pids + [run.pid], run_dir)
+    assert control.live_runs() == []
