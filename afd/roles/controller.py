@@ -27,6 +27,7 @@ class Controller:
         self.pub = control.socket(self.zctx, zmq.XPUB, xpub_verbose=1)
         self.pub_endpoint = control.bind(self.pub, pub_endpoint)
         self.mem = RunMemory.attach(config, plan)
+        self.status_table = self.mem.status()  # mapped now: a mapping outlives the owner's unlink at teardown
         self.registered: dict[str, dict] = {}
         self.last_seen: dict[str, float] = {}
         self.subscriptions = 0
@@ -68,7 +69,7 @@ class Controller:
 
     def snapshot(self) -> dict:
         """Step, layer and micro-batch each role had in flight (from the shared status table)."""
-        table = self.mem.status()
+        table = self.status_table
         out = {}
         for role, i in self.mem.role_index.items():
             row = table[i]
@@ -77,7 +78,7 @@ class Controller:
         return out
 
     def progress(self) -> tuple[int, int]:
-        table = self.mem.status()
+        table = self.status_table
         done = sum(int(table[self.mem.role_index[f"combine{s}"]][STATUS["progress"]]) for s in range(self.cfg.sessions))
         total = self.cfg.sessions * self.cfg.steps * self.cfg.layers * self.cfg.micro_batch_num
         return done, total
@@ -115,10 +116,15 @@ class Controller:
             if sender in self.registered:
                 self.reports[sender] = payload
                 self.last_seen[sender] = time.monotonic()
-                if payload.get("outcome") == "failed" and self.phase != "stopping":
+                if payload.get("outcome") == "failed":
                     err = payload.get("error", {})
-                    self.begin_stop("failed", f"{sender} failed: {err.get('message', '?')}",
-                                    {"role": sender, "kind": "error", "error": err})
+                    failure = {"role": sender, "kind": "error", "error": err}
+                    reason = f"{sender} failed: {err.get('message', '?')}"
+                    if self.phase != "stopping":
+                        self.begin_stop("failed", reason, failure)
+                    elif self.failure and self.failure.get("kind") == "died" and self.failure.get("role") == sender:
+                        # its exit beat its report to us: the report says why, so it is an error, not a death
+                        self.failure, self.reason = failure, reason
         elif kind == "stop":
             if sender == "launcher" or payload.get("token") == self.plan.get("token"):
                 self.reply(identity, "ack", {"phase": self.phase})
@@ -203,13 +209,13 @@ class Controller:
         """Faults that target the controller: a stop at a point of progress (as stop_schedule()), or its own death."""
         if not self.own_faults:
             return
-        row = self.mem.status()[self.mem.role_index["combine0"]]
+        row = self.status_table[self.mem.role_index["combine0"]]
         point = (int(row[STATUS["step"]]), int(row[STATUS["layer"]]), int(row[STATUS["micro_batch"]]))
         for fault in list(self.own_faults):
             if fault.reached(*point, now - self.started_at):
                 self.own_faults.remove(fault)
                 self.fault_ns = time.monotonic_ns()
-                self.mem.status()[self.mem.role_index["controller"]][STATUS["fault_ns"]] = self.fault_ns
+                self.status_table[self.mem.role_index["controller"]][STATUS["fault_ns"]] = self.fault_ns
                 if fault.kind == "kill":
                     os.kill(os.getpid(), 9)
                 self.begin_stop("stopped", f"fault {fault.spec} at step {point[0]} layer {point[1]} "

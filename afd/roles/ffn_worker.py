@@ -33,8 +33,9 @@ class StampedWindow:
         self.dropped: list[int] = []
 
     def put_rows(self, offset, stride, index, rows):
-        if self.rt.window_fault is not None and self.rt.window_fault.kind == "reorder":
+        if self.rt.window_fault is not None and self.rt.window_fault.kind == "reorder" and len(index):
             self.held = (offset, stride, np.array(index), np.array(rows))
+            self.rt.window_fault_applied = True
             return
         self.window.put_rows(offset, stride, index, rows)
 
@@ -45,6 +46,7 @@ class StampedWindow:
             n = index.size if fault.params["slots"] == "all" else min(fault.params["slots"], index.size)
             self.dropped = index[:n].tolist()
             index = index[n:]  # the data of these slots landed, their flags never will
+            self.rt.window_fault_applied = True
         if offset == 0:  # the flags region: stamp before the stores so a reader never sees flags without it
             self.stamps[np.unique(index // self.per_mb)] = time.monotonic_ns()
         self.window.put_i32(offset, index, values)
@@ -126,7 +128,8 @@ def body(rt) -> None:
                              batch.expert_offsets[:n], np.array([n], np.int64), group, cfg.world_size,
                              [M, BS, K1], [M, BS, K1, H], attn_rank_table=attn_rank_table)
         ffn_hop.append(time.monotonic_ns() - t0)
-        if rt.window_fault is not None:  # drop-flag / reorder hit one round only
+        if getattr(rt, "window_fault_applied", False):  # drop-flag / reorder hit one round that sent data
             rt.window_fault = None
+            rt.window_fault_applied = False
         rt.progressed()
         rt.service()

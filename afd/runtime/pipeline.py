@@ -59,6 +59,7 @@ class Pipeline:
         self.faults = faults_mod.parse_all(self.cfg.faults, role_ids) + [
             f if isinstance(f, faults_mod.Fault) else faults_mod.parse(f, role_ids) for f in (faults or [])]
         self.processes: dict[str, multiprocess.Process] = {}
+        self.pids: dict[str, int] = {}  # kept after close, to check that every process is gone
         self.mem: RunMemory | None = None
         self.device: Device | None = None
         self.run_dir: Path | None = None
@@ -104,6 +105,7 @@ class Pipeline:
                                      name=role, daemon=False)
                 proc.start()
                 self.processes[role] = proc
+            self.pids = {r: p.pid for r, p in self.processes.items()}
             self.zctx = zmq.Context()
             self.dealer = control.socket(self.zctx, zmq.DEALER, identity=b"launcher")
             self.dealer.connect(endpoint)

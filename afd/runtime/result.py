@@ -98,7 +98,10 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
     reason = controller.get("reason", "")
     in_flight = controller.get("in_flight")
     detect_ns = int(controller.get("detect_ns") or 0)
-    if died_first is not None and (outcome is None or (failure and failure.get("kind") == "died")):
+    # The launcher saw a process die first: its view (exit code, what it had in flight) wins unless the controller
+    # knows better (a role that reported an error and then exited 1 failed, it did not die).
+    if died_first is not None and (outcome is None or (failure and failure.get("kind") == "died"
+                                                        and failure.get("role") == died_first[0])):
         role, code, detect_ns, flight = died_first
         kind = "controller" if role == "controller" else "died"
         outcome, failure = "failed", {"role": role, "kind": kind, "exitcode": code, "in_flight": flight}
