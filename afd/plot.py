@@ -43,7 +43,9 @@ def plot_timeline(events, cfg, path: str | os.PathLike, title: str | None = None
             continue
         keys = unit_keys(e, cfg.layers)
         mb = keys[0][1] if keys else e.micro_batch
-        colour = colours(mb % 10) if mb >= 0 else "0.5"
+        if e.role.startswith("ffn") and not keys:  # the FFN scheduler's poll: not yet any micro-batch's
+            mb = -1
+        colour = colours(mb % 10) if mb >= 0 else "0.6"
         compute = e.name in ("attention", "experts")
         ax.broken_barh([(x, w)], (y - 0.38, 0.76) if compute else (y - 0.25, 0.5), facecolors=colour,
                        edgecolor="black" if compute else "none", linewidth=0.3, alpha=1.0 if compute else 0.55)
