@@ -24,6 +24,10 @@ ADDRESS_BASE = 0x0000_1240_0000_0000
 SEGMENT_SPAN = 1 << 36  # 64 GiB of address space per allocation
 
 
+# Namespaces this process allocated in: lets a test harness check its own leaks without touching other runs'.
+created_namespaces: set[str] = set()
+
+
 def segment_name(namespace: str, index: int) -> str:
     return f"{SEGMENT_PREFIX}{namespace}-{index}"
 
@@ -106,6 +110,7 @@ class Device:
             finally:
                 os.close(fd)
             self._owned.add(index)
+            created_namespaces.add(self.namespace)
         return DeviceBuffer(self, ADDRESS_BASE + index * SEGMENT_SPAN, nbytes)
 
     def free(self, buffer: DeviceBuffer | int) -> None:

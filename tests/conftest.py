@@ -6,10 +6,17 @@ from afd import device
 
 @pytest.fixture(autouse=True)
 def no_leftover_segments():
-    before = set(device.list_segments())
+    """Fail a test that leaves segments in a namespace this process allocated in during the test.
+
+    Only this process's namespaces are judged (and swept), so suites running side by side on one
+    machine never remove each other's live segments. Runs launched as subprocesses are checked
+    by their own tests.
+    """
+    before = set(device.created_namespaces)
     yield
-    leaked = sorted(set(device.list_segments()) - before)
+    mine = set(device.created_namespaces) - before
+    leaked = sorted(name for ns in mine for name in device.list_segments(ns))
     if leaked:
-        for name in leaked:  # clean up so one leak does not fail every later test
-            device.sweep(name[len(device.SEGMENT_PREFIX):].rsplit("-", 1)[0])
+        for ns in mine:
+            device.sweep(ns)
         pytest.fail(f"test left shared-memory segments behind: {leaked}")
