@@ -1,0 +1,105 @@
+"""`afd bench`: the pipeline against a multiprocess.Queue baseline and the memory-copy bound, plus hop latency."""
+from __future__ import annotations
+
+import json
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from .. import bench
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the pipeline (throughput, hop latency, Queue baseline, copy bound)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    p.add_argument("--quick", action="store_true", help="short runs (a smoke test; the targets stay the same)")
+    p.set_defaults(handler=main)
+
+
+def _verdict(ok) -> str:
+    return "[dim]n/a[/dim]" if ok is None else ("[green]PASS[/green]" if ok else "[red]FAIL[/red]")
+
+
+def _f(value, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def tables(r: dict) -> list[Table]:
+    d, t = r["details"], r["targets"]
+    shape = r["shape"]
+    title = (f"afd bench: BS={shape['micro_batch_size']} K={shape['top_k']}+1 H={shape['hidden_size']} "
+             f"{shape['token_dtype']} {shape['expert_kind']} experts, M={shape['micro_batch_num']} "
+             f"L={shape['layers']} steps={shape['steps']}" + (" (quick)" if r["quick"] else ""))
+    c = d["copy"]
+    thr = Table(title=title)
+    thr.caption = (f"copy bound: {c['bytes'] / 1e6:.1f} MB moved per micro-batch-layer (A2F + F2A) at "
+                   f"{c['gb_per_s']:.1f} GB/s")
+    for col in ("path", "mbl/s", "vs pipeline", "run", "matches reference"):
+        thr.add_column(col, justify="right" if col not in ("path", "matches reference") else "left")
+    rate = r["micro_batch_layers_per_s"]
+    match = {None: "not checked", True: "yes", False: "NO"}
+    thr.add_row("pipeline, default wait", _f(rate), "1.00x",
+                f"{d['pipeline']['micro_batch_layers']} in {d['pipeline']['run_s']:.2f} s",
+                match[d["pipeline"]["outputs_match_reference"]])
+    ps = d["pipeline_spin"]
+    thr.add_row("pipeline, spin wait", _f(ps["micro_batch_layers_per_s"]),
+                f"{ps['micro_batch_layers_per_s'] / rate:.2f}x" if rate else "-",
+                f"{ps['micro_batch_layers']} in {ps['run_s']:.2f} s", match[ps["outputs_match_reference"]])
+    q = d["queue"]
+    thr.add_row("multiprocess.Queue", _f(q["micro_batch_layers_per_s"]),
+                f"{q['micro_batch_layers_per_s'] / rate:.2f}x" if rate else "-",
+                f"{q['micro_batch_layers']} in {q['run_s']:.2f} s", match[q["outputs_match_reference"]])
+    thr.add_row("numpy copy bound",
+                _f(c["micro_batch_layers_per_s"]), f"{c['micro_batch_layers_per_s'] / rate:.2f}x" if rate else "-",
+                f"{c['copy_ms']:.3f} ms/mbl", "")
+
+    hop = Table(title="flag hop: last flag store -> attention_worker_scheduler_ returns (us)",
+                caption=f"dedicated: writer waits {d['hop']['gap_us'][0]:.0f}-{d['hop']['gap_us'][1]:.0f} us, "
+                        "then flags + doorbell; in pipeline: includes queueing behind the combine")
+    for col in ("measurement", "wait", "p50", "p99", "max", "n"):
+        hop.add_column(col, justify="left" if col in ("measurement", "wait") else "right")
+    for key, wait in (("hop", "default"), ("hop_spin", "spin")):
+        h = d[key]
+        hop.add_row("dedicated, 2 processes", wait, _f(h["p50"]),
+                    _f(h["p99"]), _f(h["max"]), str(h["n"]))
+    for key, wait in (("pipeline", "default"), ("pipeline_spin", "spin")):
+        p = d[key]
+        hop.add_row("in pipeline", wait, _f(p["hop_us_p50"]), _f(p["hop_us_p99"]),
+                    "", str(p["hop_n"]))
+
+    tgt = Table(title="targets")
+    for col in ("figure", "measured", "target", "verdict"):
+        tgt.add_column(col)
+    ops = r["ops"]
+    rows = [("ratio_vs_queue", f"{r['ratio_vs_queue']:.2f}x"),
+            ("fraction_of_copy_bound", f"{r['fraction_of_copy_bound']:.1%}"),
+            ("hop_latency_us_p50", f"{r['hop_latency_us_p50']:.1f} us"),
+            ("hop_latency_us_p50_spin", f"{r['hop_latency_us_p50_spin']:.1f} us"),
+            ("scheduler_scan", f"{ops['scan']['per_iteration_us']:.2f} us/iteration"),
+            ("combine_vs_read", f"{ops['combine']['ratio']:.2f}x ({ops['combine']['combine_ms']:.3f} ms vs "
+                                f"{ops['combine']['read_only_ms']:.3f} ms)" if "ratio" in ops["combine"] else "-")]
+    for name, measured in rows:
+        tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
+    return [thr, hop, tgt]
+
+
+def main(args) -> int:
+    err = Console(stderr=True)
+    t0 = time.monotonic()
+    if args.json:
+        result = bench.measure(quick=args.quick)
+    else:
+        with err.status("afd bench") as status:
+            result = bench.measure(quick=args.quick, progress=lambda what: status.update(f"afd bench: {what}"))
+    result["wall_s"] = time.monotonic() - t0
+    if args.json:
+        print(json.dumps(result, default=float))
+        return 0
+    console = Console()
+    for table in tables(result):
+        console.print(table)
+    la = result["loadavg_before_after"]
+    console.print(f"{result['cpus']} CPUs, load average {la[0]} before / {la[1]} after; "
+                  f"wall {result['wall_s']:.1f} s. Targets are printed, not asserted: other load skews every figure.")
+    return 0
