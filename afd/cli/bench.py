@@ -39,6 +39,9 @@ def tables(r: dict) -> list[Table]:
         thr.add_column(col, justify="right" if col not in ("path", "matches reference") else "left")
     rate = r["micro_batch_layers_per_s"]
     match = {None: "not checked", True: "yes", False: "NO"}
+    for key in ("pipeline", "pipeline_spin"):
+        if d[key]["outcome"] != "completed":
+            thr.caption += f"\n[red]{key} run {d[key]['outcome']}: {d[key]['reason']}[/red]"
     thr.add_row("pipeline, default wait", _f(rate), "1.00x",
                 f"{d['pipeline']['micro_batch_layers']} in {d['pipeline']['run_s']:.2f} s",
                 match[d["pipeline"]["outputs_match_reference"]])
