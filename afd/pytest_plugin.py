@@ -1,0 +1,95 @@
+"""The afd pytest plugin (entry point pytest11): pipeline fixtures and a per-test leak check."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from . import device
+from .config import Config, load
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("afd")
+    group.addoption("--afd-timeout", type=float, default=120.0,
+                    help="seconds a pipeline started by the afd_pipeline fixture may run before it is stopped")
+    group.addoption("--afd-no-leak-check", action="store_true",
+                    help="do not fail tests that leave afd processes or shared-memory segments behind")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "afd_timeout(seconds): bound for pipelines of this test (afd_pipeline)")
+    config.addinivalue_line("markers", "afd_allow_leaks: skip the afd leak check for this test")
+
+
+def _live_children() -> dict[int, str]:
+    """Child processes of this process that are still running (zombies already exited)."""
+    me = os.getpid()
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if int(fields[1]) == me and fields[0] != "Z":
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "resource_tracker" in cmdline:  # multiprocess's one-per-parent helper, ends with the parent
+                continue
+            out[int(entry)] = cmdline[:120] or stat[stat.index("(") + 1:stat.rindex(")")]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _afd_leak_check(request):
+    """Fail a test that leaves afd segments (in namespaces this process allocated in) or child processes alive."""
+    if request.config.getoption("--afd-no-leak-check") or request.node.get_closest_marker("afd_allow_leaks"):
+        yield
+        return
+    namespaces_before = set(device.created_namespaces)
+    children_before = set(_live_children())
+    yield
+    new = set(device.created_namespaces) - namespaces_before
+    segments = sorted(name for ns in new for name in device.list_segments(ns))
+    children = {pid: name for pid, name in _live_children().items() if pid not in children_before}
+    if segments:
+        for ns in new:
+            device.sweep(ns)  # clean up, so one leak does not fail every later test
+    if segments or children:
+        what = ([f"shared-memory segments {segments}"] if segments else []) + (
+            [f"processes {children}"] if children else [])
+        pytest.fail("test left behind " + " and ".join(what), pytrace=False)
+
+
+@pytest.fixture
+def afd_config() -> Config:
+    """The built-in default configuration (what `afd run` runs with no arguments)."""
+    return load(None)
+
+
+@pytest.fixture
+def afd_pipeline(request):
+    """A factory: `afd_pipeline(config=None, faults=(), **overrides)` returns a started Pipeline, always torn down."""
+    from .runtime.pipeline import Pipeline
+
+    marker = request.node.get_closest_marker("afd_timeout")
+    timeout = marker.args[0] if marker else request.config.getoption("--afd-timeout")
+    started: list[Pipeline] = []
+
+    def make(config=None, faults=(), **overrides) -> Pipeline:
+        values = dict(overrides)
+        values.setdefault("run_timeout_s", timeout)
+        pipeline = Pipeline(config, faults=list(faults), **values)
+        started.append(pipeline)
+        return pipeline.start()
+
+    yield make
+    for pipeline in started:
+        pipeline.close()
