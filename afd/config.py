@@ -212,11 +212,26 @@ def _format_error(exc: ValidationError) -> ConfigError:
         if ": " in msg and not loc:
             loc, msg = msg.split(": ", 1)
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(err["loc"])
     elif err["type"] in {"int_type", "float_type", "string_type", "bool_type", "literal_error", "dict_type",
-                         "list_type", "model_type"}:
+                         "list_type", "model_type", "greater_than", "greater_than_equal", "less_than",
+                         "less_than_equal"}:
         msg = f"{msg} (got {err.get('input')!r})"
     return ConfigError(f"config: {loc or 'config'}", msg)
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """' (did you mean X?)' for an unknown key close to a real one of its section, else ''."""
+    import difflib
+    model = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def parse_value(text: str) -> Any:
@@ -255,7 +270,10 @@ def load_dict(source: str | os.PathLike | dict | Config | None) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}", f"is not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}", f"is not valid YAML{where} ({what})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
