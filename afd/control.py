@@ -67,6 +67,69 @@ def ipc_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
 
 
+# -- CURVE: a TCP control plane is encrypted and only the run's own client key may connect ---------
+def make_curve_keys(run_dir: Path) -> dict:
+    """Per-run server and client key pairs, written 0600 into the run directory (z85 text)."""
+    keys = {}
+    for who in ("server", "client"):
+        public, secret = zmq.curve_keypair()
+        keys[f"{who}_public"], keys[f"{who}_secret"] = public.decode(), secret.decode()
+    path = run_dir / "curve.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keys, f)
+    return keys
+
+
+def read_curve_keys(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "curve.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def curve_server(sock: zmq.Socket, keys: dict | None) -> None:
+    if keys:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys["server_secret"].encode())
+        sock.setsockopt(zmq.ZAP_DOMAIN, b"afd")
+
+
+def curve_client(sock: zmq.Socket, keys: dict | None) -> None:
+    if keys:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, keys["server_public"].encode())
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys["client_public"].encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys["client_secret"].encode())
+
+
+def start_authenticator(ctx: zmq.Context, keys: dict | None):
+    """A ZAP handler that admits only the run's client key; refusals are logged by zmq.auth."""
+    if not keys:
+        return None
+    import logging
+
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("afd.control.auth"))
+    auth.start()
+    auth.configure_curve_callback("afd", credentials_provider=_AllowOne(keys["client_public"]))
+    return auth
+
+
+class _AllowOne:
+    """zmq.auth credentials provider: exactly one client public key."""
+
+    def __init__(self, public_z85: str):
+        self.key = public_z85.encode()  # zmq.auth hands the provider the z85 text of the client key
+
+    def callback(self, domain, key) -> bool:
+        import logging
+        ok = key == self.key
+        if not ok:
+            logging.getLogger("afd.control.auth").warning("refused a control connection with an unknown CURVE key")
+        return ok
+
+
 # -- run discovery: `afd stop` with no endpoint finds runs through these directories ----------------
 def runs_root() -> Path:
     return Path(os.environ.get("AFD_RUN_DIR") or os.path.join(tempfile.gettempdir(), "afd-runs"))

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..runtime.pipeline import Pipeline, write_report
+from ..runtime.pipeline import Pipeline, write_log, write_report
 
 
 def add_parser(sub) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
                    help="inject a fault (repeatable): stop, kill, hang, drop-flag, delay, corrupt, reorder; "
                         "WHEN is step=N,layer=L,mb=M or t=SECONDS")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here (whatever the outcome)")
+    p.add_argument("--log", metavar="FILE", help="write the run log here (default: REPORT.log beside --report)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--trace", metavar="FILE", help="write the Chrome trace JSON here (Perfetto, chrome://tracing)")
     p.add_argument("--plot", metavar="FILE", help="draw the timeline PNG here (needs the plot extra: matplotlib)")
@@ -89,7 +90,9 @@ def main(args) -> int:
         else:
             result = pipeline.wait()
     if args.report:
-        write_report(result, args.report)
+        write_report(result, args.report, args.log)
+    elif args.log:
+        write_log(result, args.log)
     if args.trace:  # written whatever the outcome: a fault's trace ends at the fault
         from ..trace import write_result
         write_result(args.trace, result)

@@ -1,6 +1,7 @@
 """The controller: registers roles, starts them together, watches heartbeats, stops the run through run_flag=0."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -12,6 +13,7 @@ from ..faults import Fault
 from ..runtime.memory import STATUS, RunMemory
 
 TICK_S = 0.1
+log = logging.getLogger("afd.controller")
 
 
 class Controller:
@@ -22,9 +24,13 @@ class Controller:
         self.expected = [r for r in plan["roles"] if r != "controller"]
         self.launcher_pid = launcher_pid
         self.zctx = zmq.Context()
+        keys = plan.get("curve")
+        self.auth = control.start_authenticator(self.zctx, keys)
         self.router = control.socket(self.zctx, zmq.ROUTER, router_mandatory=0)
+        control.curve_server(self.router, keys)
         self.endpoint = control.bind(self.router, endpoint)
         self.pub = control.socket(self.zctx, zmq.XPUB, xpub_verbose=1)
+        control.curve_server(self.pub, keys)
         self.pub_endpoint = control.bind(self.pub, pub_endpoint)
         self.mem = RunMemory.attach(config, plan)
         self.status_table = self.mem.status()  # mapped now: a mapping outlives the owner's unlink at teardown
@@ -42,9 +48,16 @@ class Controller:
         self.started_at = None
         self.stop_at = None
         self.in_flight = None
+        self.log_lines: list[str] = []
         self.pending_faults: list = plan.get("faults", [])
         self.own_faults = [f for f in map(Fault.from_dict, self.pending_faults) if f.target == "controller"]
         self.fault_ns = 0
+
+    def note(self, message: str, level: int = logging.INFO) -> None:
+        """A line of the run log (returned with the result, also sent to logging)."""
+        t = 0.0 if self.started_at is None else time.monotonic() - self.started_at
+        self.log_lines.append(f"{t:9.4f}s controller: {message}")
+        log.log(level, message)
 
     def broadcast(self, kind: str, payload: dict | None = None) -> None:
         self.pub.send_multipart(control.encode(kind, payload))
@@ -64,6 +77,7 @@ class Controller:
         self.broadcast("stop", {"reason": reason})  # the wake-up
         self.outcome, self.reason, self.failure = outcome, reason, failure
         self.detect_ns = time.monotonic_ns()
+        self.note(f"stopping ({outcome}): {reason}; run_flag=0 written into every context")
         self.phase = "stopping"
         self.stop_at = time.monotonic()
 
@@ -99,11 +113,16 @@ class Controller:
             role = payload.get("role")
             if role not in self.expected or role != sender:
                 self.unknown_senders += 1
+                if self.unknown_senders <= 3:
+                    self.note(f"dropped a register from unknown role {str(role)[:40]!r}", logging.WARNING)
                 return
+            if role not in self.registered:
+                self.note(f"{role} registered (pid {payload.get('pid')})")
             self.registered[role] = payload
             self.last_seen[role] = time.monotonic()
+            plan = {k: v for k, v in self.plan.items() if k != "curve"}  # never send key material
             self.reply(identity, "welcome", {"pub": self.pub_endpoint, "config": self.cfg.model_dump(mode="json"),
-                                             "plan": self.plan})
+                                             "plan": plan})
         elif kind == "heartbeat":
             if sender in self.registered:
                 self.last_seen[sender] = time.monotonic()
@@ -131,6 +150,7 @@ class Controller:
                 self.begin_stop("stopped", payload.get("reason", f"stop requested by {sender}"))
             else:
                 self.unknown_senders += 1  # an unauthenticated stop is refused
+                self.note(f"refused a stop from {sender[:40]!r}: no valid run token", logging.WARNING)
         elif kind == "role_died" and sender == "launcher":
             role = payload.get("role")
             self.begin_stop("failed", f"{role} exited unexpectedly (exit code {payload.get('exitcode')})",
@@ -179,6 +199,7 @@ class Controller:
                 if len(self.registered) == len(self.expected) and self.subscriptions >= len(self.expected):
                     self.started_at = now
                     self.phase = "running"
+                    self.note(f"all {len(self.expected)} roles registered and subscribed: start")
                     self.broadcast("start", {"doorbells": {r: p["doorbell"] for r, p in self.registered.items()},
                                              "faults": self.pending_faults})
                 elif now > join_deadline:
@@ -214,6 +235,7 @@ class Controller:
         for fault in list(self.own_faults):
             if fault.reached(*point, now - self.started_at):
                 self.own_faults.remove(fault)
+                self.note(f"fault {fault.spec} fires")
                 self.fault_ns = time.monotonic_ns()
                 self.status_table[self.mem.role_index["controller"]][STATUS["fault_ns"]] = self.fault_ns
                 if fault.kind == "kill":
@@ -235,6 +257,7 @@ class Controller:
             "outcome": self.outcome, "reason": self.reason, "failure": self.failure, "in_flight": self.in_flight,
             "reports": self.reports, "done": done, "total": total, "malformed": self.malformed,
             "unknown_senders": self.unknown_senders, "detect_ns": getattr(self, "detect_ns", 0),
+            "log": self.log_lines[-2000:],
             "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0})
 
     def orphaned(self) -> None:
@@ -249,6 +272,8 @@ class Controller:
                 shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
         self.zctx.destroy(linger=200)
         self.mem.device.close()
 

@@ -88,6 +88,8 @@ class Pipeline:
                 if not port:  # pick free ports here so roles know where to connect
                     endpoint, pub = (f"tcp://{cfg.control.host}:{p}" for p in _free_ports(cfg.control.host, 2))
             self.endpoint = endpoint
+            if cfg.control.transport == "tcp":  # TCP is reachable by others: encrypt and authenticate
+                self.mem.plan["curve"] = control.make_curve_keys(self.run_dir)
             self.mem.plan["token"] = os.urandom(16).hex()
             self.mem.plan["faults"] = [f.to_dict() for f in self.faults]
             plan = self.mem.plan
@@ -108,6 +110,7 @@ class Pipeline:
             self.pids = {r: p.pid for r, p in self.processes.items()}
             self.zctx = zmq.Context()
             self.dealer = control.socket(self.zctx, zmq.DEALER, identity=b"launcher")
+            control.curve_client(self.dealer, plan.get("curve"))
             self.dealer.connect(endpoint)
             control.write_run_info(self.run_dir, {"pid": me, "endpoint": endpoint, "namespace": namespace,
                                                   "name": cfg.name, "token": plan["token"],
@@ -284,8 +287,20 @@ def run(config: str | os.PathLike | dict | Config | None = None, overrides: list
         return pipeline.wait(timeout)
 
 
-def write_report(result: Result, path: str | os.PathLike) -> None:
+def write_report(result: Result, path: str | os.PathLike, log_path: str | os.PathLike | None = None) -> None:
+    """The JSON report, and the run log beside it (FILE.log unless a log path is given)."""
     Path(path).write_text(json.dumps(result.report(), indent=2, default=_json_default))
+    write_log(result, log_path or f"{path}.log")
+
+
+def write_log(result: Result, path: str | os.PathLike) -> None:
+    lines = list(result.log) + [f"outcome: {result.outcome} (exit {result.exit_code}): {result.reason}"]
+    if result.failure:
+        lines.append(f"failure: {json.dumps(result.failure, default=_json_default)}")
+    for role, info in result.roles.items():
+        lines.append(f"{role}: exit {info['exit_code']} {info['outcome']}"
+                     + (f" - {info['error'].get('message', '')}" if info.get("error") else ""))
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def _json_default(value):

@@ -44,6 +44,8 @@ class Result:
     failure: dict | None
     in_flight: dict | None
     malformed_messages: int
+    refused_messages: int = 0
+    log: list = field(default_factory=list, repr=False)
     outputs: dict = field(default_factory=dict, repr=False)
     reference: dict = field(default_factory=dict, repr=False)
     events: list = field(default_factory=list, repr=False)  # afd.trace.Event, every role's (when cfg.trace)
@@ -70,7 +72,7 @@ class Result:
             "outputs_match_reference": self.outputs_match_reference,
             "compared_micro_batches": self.compared, "mismatches": self.mismatches,
             "failure": self.failure, "in_flight": self.in_flight, "faults": self.faults,
-            "malformed_messages": self.malformed_messages,
+            "malformed_messages": self.malformed_messages, "refused_messages": self.refused_messages,
             "roles": self.roles, "metrics": self.metrics,
         }
 
@@ -175,4 +177,5 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
                   run_s=float(controller.get("run_s") or wall_s), wall_s=wall_s, hops_us=hops_us,
                   outputs_match_reference=match, compared=compared, mismatches=mismatches[:50], roles=roles,
                   failure=failure, in_flight=in_flight, malformed_messages=int(controller.get("malformed", 0)),
+                  refused_messages=int(controller.get("unknown_senders", 0)), log=list(controller.get("log", [])),
                   outputs=outputs, reference=ref_finals, events=events, metrics=run_metrics)

@@ -39,13 +39,14 @@ class RoleRuntime:
     """One role's connection to its run: control sockets, memory, wait policy and bookkeeping."""
 
     def __init__(self, role_id: str, controller: str, config: Config | None = None, plan: dict | None = None,
-                 launcher_pid: int | None = None, run_dir: str | None = None):
+                 launcher_pid: int | None = None, run_dir: str | None = None, curve_keys: dict | None = None):
         self.role = role_id
         self.controller_endpoint = controller
         self.cfg = config
         self.plan = plan
         self.launcher_pid = launcher_pid
         self.run_dir = run_dir
+        self.curve_keys = curve_keys  # for roles that join from outside the launcher (afd role --keys)
         self.zctx: zmq.Context | None = None
         self.events: list[tuple] = []
         self.metrics: dict[str, list] = {}  # per-role latency samples, sent with the final report
@@ -73,6 +74,8 @@ class RoleRuntime:
         """Register with the controller, get the plan, subscribe, and wait for `start` (bounded)."""
         self.zctx = zmq.Context()
         self.dealer = control.socket(self.zctx, zmq.DEALER, identity=self.role.encode())
+        keys = (self.plan or {}).get("curve") or self.curve_keys
+        control.curve_client(self.dealer, keys)
         self.dealer.connect(self.controller_endpoint)
         self.doorbell = control.socket(self.zctx, zmq.PULL, rcvhwm=64)
         if self.controller_endpoint.startswith("ipc://"):
@@ -85,6 +88,7 @@ class RoleRuntime:
             self.doorbell_endpoint = self.doorbell_endpoint.replace(
                 "0.0.0.0", os.environ.get("AFD_ADVERTISE_HOST", "127.0.0.1"))
         self.sub = control.socket(self.zctx, zmq.SUB)
+        control.curve_client(self.sub, keys)
         timeout = (self.cfg.start_timeout_s if self.cfg else 30.0)
         deadline = time.monotonic() + timeout
         welcome = None
