@@ -91,7 +91,7 @@ def main(args) -> int:
     if run is None:
         print(f"afd stop: no run on this machine has endpoint {endpoint}; sending the stop without the run's token "
               "(the controller refuses unauthenticated stops, so expect no acknowledgement)", file=sys.stderr)
-    ack = request_stop(endpoint, token)
+    ack = request_stop(endpoint, token, ACK_TIMEOUT_S)
     if ack is None:
         why = ("the controller refuses a stop without the run's token" if not token
                else "the pipeline may have ended already or be hung")
