@@ -366,6 +366,9 @@ def measure(quick: bool = False, progress=None) -> dict:
     pipe_spin = measure_pipeline(max(2, steps // 4), "spin", check_reference=False)
     step("multiprocess.Queue baseline")
     queue = measure_queue(steps, check_reference=True)
+    step("tracing on vs off")
+    from .trace import measure_overhead
+    tracing = measure_overhead(quick=quick)
 
     rate = pipe["micro_batch_layers_per_s"]
     ratio_vs_queue = rate / queue["micro_batch_layers_per_s"] if queue["micro_batch_layers_per_s"] else 0.0
@@ -392,6 +395,8 @@ def measure(quick: bool = False, progress=None) -> dict:
         "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "queue": queue, "copy": copy, "hop": hop,
                     "hop_spin": hop_spin},
         "ops": ops,
+        "tracing": tracing,
+        "tracing_overhead": tracing["overhead"],
     }
     result["targets"] = {
         "ratio_vs_queue": {"target": f">= {TARGET_RATIO_VS_QUEUE:g}x", "pass": ratio_vs_queue >= TARGET_RATIO_VS_QUEUE},
@@ -403,5 +408,6 @@ def measure(quick: bool = False, progress=None) -> dict:
         "combine_vs_read": {"target": f"<= {ops['combine'].get('target_ratio', 3):g}x",
                             "pass": ops["combine"].get("pass")},
         "scheduler_scan": {"target": f"<= {ops['scan']['target_us']:g} us", "pass": ops["scan"]["pass"]},
+        "tracing_overhead": {"target": "<= 10%", "pass": tracing["overhead"] <= 0.10},
     }
     return result
