@@ -208,3 +208,24 @@ def test_afd_stop_ends_a_running_pipeline(tmp_path, own_runs_root, no_leftover_s
     assert "stopped" in out
     assert_nothing_left(info["namespace"], pids + [run.pid], run_dir)
     assert control.live_runs() == []
+
+
+@pytest.mark.timeout(120)
+def test_afd_stop_over_tcp_with_curve_keys(capsys, tmp_path):
+    """A TCP control plane admits only the run's CURVE client key: `afd stop --endpoint` reads it from the run dir."""
+    with Pipeline(ROOT / "configs" / "minimal.yaml", ["steps=100000", "control.transport=tcp"]) as p:
+        namespace, run_dir, pids = p.device.namespace, p.run_dir, [r["pid"] for r in p.roles.values()]
+        assert p.endpoint.startswith("tcp://")
+        wait_until(lambda: p.step_count >= 1, 30, "the first step")
+        from afd.cli import main
+        code = main(["stop", "--endpoint", p.endpoint, "--wait", "0"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "acknowledged" in out
+        t0 = time.monotonic()
+        result = p.wait(30)
+        assert time.monotonic() - t0 < 2.0
+    assert result.outcome == "stopped" and result.exit_code == 0, result.reason
+    assert "afd stop" in result.reason
+    assert result.outputs_match_reference is True and 0 < result.steps < 100000
+    assert_nothing_left(namespace, pids, run_dir)

@@ -35,11 +35,14 @@ def _err(message: str) -> None:
     print(f"afd stop: {message}", file=sys.stderr)
 
 
-def request_stop(endpoint: str, token: str | None, timeout_s: float = ACK_TIMEOUT_S) -> dict | None:
-    """Send one stop to the controller at `endpoint`; the "ack" payload, or None when none came in time."""
+def request_stop(endpoint: str, token: str | None, timeout_s: float = ACK_TIMEOUT_S,
+                 curve: dict | None = None) -> dict | None:
+    """Send one stop to the controller at `endpoint`; the "ack" payload, or None when none came in time.
+    `curve`: the run's CURVE keys (curve.json of its run directory), needed for a TCP control plane."""
     ctx = zmq.Context()
     try:
         sock = control.socket(ctx, zmq.DEALER, identity=f"afd-stop-{os.getpid()}".encode())
+        control.curve_client(sock, curve)
         sock.connect(endpoint)
         payload = {"reason": f"afd stop (pid {os.getpid()})"}
         if token:
@@ -88,13 +91,16 @@ def main(args) -> int:
         run = runs[0]
         endpoint = run["endpoint"]
     token = run.get("token") if run else None
+    # a TCP control plane admits only the run's own CURVE client key (curve.json beside run.json)
+    curve = control.read_curve_keys(control.runs_root() / str(run.get("namespace", ""))) if run else None
     if run is None:
         print(f"afd stop: no run on this machine has endpoint {endpoint}; sending the stop without the run's token "
               "(the controller refuses unauthenticated stops, so expect no acknowledgement)", file=sys.stderr)
-    ack = request_stop(endpoint, token, ACK_TIMEOUT_S)
+    ack = request_stop(endpoint, token, ACK_TIMEOUT_S, curve)
     if ack is None:
-        why = ("the controller refuses a stop without the run's token" if not token
-               else "the pipeline may have ended already or be hung")
+        why = ("the controller refuses a stop without the run's token" + (
+               " (and a TCP control plane admits only the run's CURVE key)" if endpoint.startswith("tcp://") else "")
+               if not token else "the pipeline may have ended already or be hung")
         _err(f"no acknowledgement from {endpoint} within {ACK_TIMEOUT_S:g} s ({why})")
         return EXIT_NOTHING
     target = _describe(run) if run else endpoint
