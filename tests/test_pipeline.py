@@ -32,9 +32,9 @@ def own_runs_root(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_leftover_segments(monkeypatch):
-    """Overrides the suite-wide guard of tests/conftest.py for these tests: that one diffs every afd segment in
-    /dev/shm, so any other pipeline running on the machine meanwhile fails the test (and gets its live segments
-    swept). Here only this test's runs count: namespaces made in this process, plus those a test registers."""
+    """No segment of this test's runs is left: namespaces made in this process, plus those a test registers (runs
+    of a subprocess launcher, which the afd pytest plugin's leak check cannot see). Other pipelines running on
+    the machine meanwhile do not count."""
     import afd.runtime.pipeline as pipeline_mod
     ours: list[str] = []
 
