@@ -78,8 +78,8 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def controller_phase(endpoint: str) -> str | None:
-    """Ask the controller for its phase (the "status" message); None when it does not answer in 0.5 s."""
+def controller_status(endpoint: str) -> dict:
+    """The controller's answer to "status" ({phase, done, total}); {} when it does not answer in 0.5 s."""
     ctx = zmq.Context()
     try:
         sock = control.socket(ctx, zmq.DEALER)
@@ -88,8 +88,8 @@ def controller_phase(endpoint: str) -> str | None:
         if sock.poll(500, zmq.POLLIN):
             kind, payload = control.decode(sock.recv_multipart())
             if kind == "status_reply":
-                return payload["phase"]
-        return None
+                return payload
+        return {}
     finally:
         ctx.destroy(linger=0)
 
@@ -178,26 +178,31 @@ def test_afd_stop_ends_a_running_pipeline(tmp_path, own_runs_root, no_leftover_s
         assert info["pid"] == run.pid and info["name"] == "minimal"
         run_dir = own_runs_root / info["namespace"]
         pids = list(info["roles"].values())
-        wait_until(lambda: controller_phase(info["endpoint"]) == "running", 30, "the run to start")
-        time.sleep(0.3)  # a few steps in flight
+        wait_until(lambda: controller_status(info["endpoint"]).get("phase") == "running", 30, "the run to start")
 
         # a stop without the run's token is refused: no ack, the run goes on
-        assert request_stop(info["endpoint"], None, timeout_s=0.5) is None
-        assert controller_phase(info["endpoint"]) == "running"
+        assert request_stop(info["endpoint"], None, timeout_s=0.3) is None
+        # stop in the middle: once the first step is done (done counts micro-batch layers of combine)
+        wait_until(lambda: controller_status(info["endpoint"]).get("done", 0) >= 2 * 2, 30, "the first step")
+        assert controller_status(info["endpoint"]).get("phase") == "running"
 
         stop = subprocess.run([sys.executable, "-m", "afd", "stop", "--wait", "0"], capture_output=True, text=True,
                               env=env, cwd=ROOT, timeout=30)
         acked = time.monotonic()
         assert stop.returncode == 0, stop.stderr
         assert "acknowledged" in stop.stdout and str(run.pid) in stop.stdout
-        out, err = run.communicate(timeout=30)
         wait_until(lambda: not any(pid_running(p) for p in pids), 2.0, "every role process to exit")
-        exited_s = time.monotonic() - acked
+        roles_exited_s = time.monotonic() - acked
+        out, err = run.communicate(timeout=30)
+        launcher_exited_s = time.monotonic() - acked
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
-    assert exited_s < 2.0, f"processes exited {exited_s:.2f}s after the acknowledged stop"
+    assert roles_exited_s < 2.0, f"role processes exited {roles_exited_s:.2f}s after the acknowledged stop"
+    # after its roles are gone the launcher still checks the steps done against the in-process reference
+    # model (about 20 ms a step on 2 cores) and writes the report: a looser bound for it
+    assert launcher_exited_s < 10.0, f"the launcher exited {launcher_exited_s:.2f}s after the acknowledged stop"
     assert run.returncode == 0, err
     rep = json.loads(report.read_text())
     assert rep["outcome"] == "stopped", rep["reason"]
