@@ -139,6 +139,17 @@ def _reference_cached(config_json: str) -> tuple[np.ndarray, dict]:
     return digests, finals
 
 
+def reference_digests(config: Config, steps) -> np.ndarray:
+    """Digests [len(steps), A, M] of the given steps only (steps are independent: fresh inputs each step)."""
+    model = Model(config)
+    out = np.zeros((len(steps), config.sessions, config.micro_batch_num), dtype=np.uint32)
+    for i, t in enumerate(steps):
+        for s in range(config.sessions):
+            for m in range(config.micro_batch_num):
+                out[i, s, m] = digest(model.forward(int(t), s, m))
+    return out
+
+
 def reference(config: Config) -> tuple[np.ndarray, dict]:
     """Digests [steps, A, M] of every step output, and the final outputs {(s, m): (valid, H)}, computed in-process."""
     return _reference_cached(config.model_dump_json())

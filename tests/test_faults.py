@@ -56,6 +56,8 @@ CASES = [
 def test_fault_ends_as_documented(cfg, spec, outcome, code, kind):
     if cfg is MULTI and spec.startswith(("stop@t", "delay", "corrupt:combine0")):
         pytest.skip("covered on the minimal config")  # keeps the suite short; same code path
+    if "@t=" in spec:
+        cfg = dict(cfg, steps=100000)  # a time-based fault needs a run that lasts
     result = run_fault(cfg, spec)
     fault = parse(spec, load(cfg).role_ids())
     assert (result.outcome, result.exit_code) == (outcome, code), result.reason

@@ -38,7 +38,7 @@ def body(rt) -> None:
     rt.watched_run_flags = [ctx.i32[32:33]]
     stream = mem.stream(s)
     counters = stream.counters
-    hop_ns = rt.metrics.setdefault("flag_hop_ns", [])
+    hop_ns = rt.samples("flag_hop_ns")
     for i in range(total_units(cfg)):
         t, layer, m = unit(cfg, i)
         rt.at(t, layer, m)

@@ -81,7 +81,7 @@ def body(rt) -> None:
     expert_num = max(1, len(local)) * cfg.layers
     sync_group_size = A if cfg.mode == "sync" else 1
     attn_rank_table = np.arange(F, F + A, dtype=np.int32)
-    ffn_hop = rt.metrics.setdefault("ffn_ns", [])
+    ffn_hop = rt.samples("ffn_ns")
     device = DeviceTime(cfg)
     passes: dict[tuple[int, int], int] = {}  # (session, mb) -> last layer pass p = step * layers + layer seen
     while True:

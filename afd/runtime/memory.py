@@ -57,6 +57,13 @@ class SessionStreamLayout:
         return self.y_offset + self.micro_batch_num * self.micro_batch_size * self.hidden_size * self.itemsize
 
 
+DIGEST_RING = 4096  # step outputs kept for the reference check: a long run keeps the newest
+
+
+def digest_rows(config: Config) -> int:
+    return min(config.steps, DIGEST_RING)
+
+
 class SessionStream:
     """Views over one session's stream area."""
 
@@ -75,10 +82,15 @@ class SessionStream:
 class RunMemory:
     """The run's device memory: created by the launcher (owner), attached by roles from the plan."""
 
-    def __init__(self, config: Config, device: Device, plan: dict):
+    def __init__(self, config: Config, device: Device, plan: dict, host: str | None = None):
         self.cfg = config
         self.device = device
         self.plan = plan
+        self.host = host  # None: one host holds everything (the launcher's fast path)
+        c = config
+        self.local_sessions = [s for s in range(c.sessions) if host is None or c.session_host(s) == host]
+        self.local_ranks = [f for f in range(c.ffn_ranks) if host is None or c.ffn_host(f) == host]
+        self.remote = None  # host -> afd.comm_remote.AgentLink, set by the role runtime for other hosts' windows
         self.dtype = DTYPES[config.token_dtype]
         c = config
         self.stream_layout = SessionStreamLayout(c.ffn_ranks, c.micro_batch_num, c.micro_batch_size, c.top_k,
@@ -89,7 +101,9 @@ class RunMemory:
 
     # -- creation (owner) ----------------------------------------------------------------------------
     @classmethod
-    def create(cls, config: Config, device: Device) -> "RunMemory":
+    def create(cls, config: Config, device: Device, host: str | None = None) -> "RunMemory":
+        """Allocate the run's memory (host None), or one host's part of it: the windows, contexts and streams of the
+        sessions and FFN ranks placed there (None entries for the others), a status table, digests and outputs."""
         c = config
         holders = []
         plan: dict = {"namespace": device.namespace, "roles": c.role_ids(), "attention": [], "ffn": []}
@@ -98,7 +112,10 @@ class RunMemory:
                           micro_batch_size=c.micro_batch_size, selected_expert_num=c.selected,
                           expert_num=c.expert_num, attn_to_ffn_token_size=c.token_bytes,
                           ffn_to_attn_token_size=c.token_bytes, device=device)
-            for _ in range(c.sessions):
+            for s in range(c.sessions):
+                if host is not None and c.session_host(s) != host:
+                    plan["attention"].append(None)
+                    continue
                 win = device.malloc(c.attention_window_bytes())
                 holder = create_schedule_context_holder(1, **common, attention_window=win.address,
                                                         attention_window_size=win.size)
@@ -108,29 +125,51 @@ class RunMemory:
                                                            c.top_k, c.hidden_size, c.itemsize).total_bytes)
                 plan["attention"].append({"window": win.address, "window_size": win.size,
                                           "context": holder.get_schedule_context().address,
-                                          "stream": stream.address})
-            for _ in range(c.ffn_ranks):
+                                          "stream": stream.address, **({"host": host} if host else {})})
+            for f in range(c.ffn_ranks):
+                if host is not None and c.ffn_host(f) != host:
+                    plan["ffn"].append(None)
+                    continue
                 win = device.malloc(c.ffn_window_bytes())
                 holder = create_schedule_context_holder(0, **common, ffn_window=win.address,
                                                         ffn_window_size=win.size)
                 holder.init()
                 holders.append(holder)
                 plan["ffn"].append({"window": win.address, "window_size": win.size,
-                                    "context": holder.get_schedule_context().address})
+                                    "context": holder.get_schedule_context().address,
+                                    **({"host": host} if host else {})})
             plan["status"] = device.malloc(8 * len(STATUS_FIELDS) * len(plan["roles"])).address
-            n = c.steps * c.sessions * c.micro_batch_num
-            plan["digests"] = device.malloc(8 * n).address
+            plan["digests"] = device.malloc(8 * digest_rows(c) * c.sessions * c.micro_batch_num).address
             plan["outputs"] = device.malloc(c.sessions * c.micro_batch_num * c.micro_batch_size * c.token_bytes).address
         except BaseException:
             device.close()
             raise
-        mem = cls(config, device, plan)
+        mem = cls(config, device, plan, host)
         mem._holders = holders
         return mem
 
     @classmethod
-    def attach(cls, config: Config, plan: dict) -> "RunMemory":
-        return cls(config, Device(plan["namespace"]), plan)
+    def attach(cls, config: Config, plan: dict, host: str | None = None) -> "RunMemory":
+        """Attach from a plan: a one-host plan, or (multi-host) the full plan seen from `host`."""
+        if "hosts" in plan:
+            if host not in plan["hosts"]:
+                raise ValueError(f"host {host!r} is not in the run's plan (hosts {sorted(plan['hosts'])})")
+            plan = {**plan, **plan["hosts"][host]}
+        else:
+            host = None
+        return cls(config, Device(plan["namespace"]), plan, host)
+
+    @staticmethod
+    def merge_parts(base: dict, parts: dict[str, dict], transports: dict[str, str]) -> dict:
+        """The full multi-host plan from each host's part (RunMemory.create(host=...).plan) and agent endpoint."""
+        plan = dict(base)
+        for kind in ("attention", "ffn"):
+            n = max(len(p[kind]) for p in parts.values())
+            plan[kind] = [next((p[kind][i] for p in parts.values() if p[kind][i] is not None), None)
+                          for i in range(n)]
+        plan["hosts"] = {h: {"namespace": p["namespace"], "status": p["status"], "digests": p["digests"],
+                             "outputs": p["outputs"], "transport": transports[h]} for h, p in parts.items()}
+        return plan
 
     def close(self) -> None:
         self.device.close()
@@ -139,25 +178,35 @@ class RunMemory:
     def attention_context(self, session: int) -> ScheduleContext:
         key = ("a", session)
         if key not in self._ctx:
+            self._local("attention", session)
             self._ctx[key] = ScheduleContext.on_device(self.device, self.plan["attention"][session]["context"])
         return self._ctx[key]
 
     def ffn_context(self, rank: int) -> ScheduleContext:
         key = ("f", rank)
         if key not in self._ctx:
+            self._local("ffn", rank)
             self._ctx[key] = ScheduleContext.on_device(self.device, self.plan["ffn"][rank]["context"])
         return self._ctx[key]
 
     def contexts(self) -> list[ScheduleContext]:
-        return ([self.attention_context(s) for s in range(self.cfg.sessions)]
-                + [self.ffn_context(f) for f in range(self.cfg.ffn_ranks)])
+        """This host's contexts (all of them on one host)."""
+        return ([self.attention_context(s) for s in self.local_sessions]
+                + [self.ffn_context(f) for f in self.local_ranks])
 
     def stop_all(self) -> None:
-        """run_flag = 0 in every context of the run: the truth every poll re-reads (as stop_schedule() writes it)."""
+        """run_flag = 0 in every context of the run (of this host when the run spans several; the other hosts' roles
+        and agents write their own on the broadcast stop): the truth every poll re-reads, as stop_schedule() does."""
         for ctx in self.contexts():
             ctx.i32[128 // 4] = 0
 
+    def _local(self, kind: str, index: int) -> None:
+        if index not in (self.local_sessions if kind == "attention" else self.local_ranks):
+            raise ValueError(f"the {kind} memory of {index} is on host {self.plan[kind][index].get('host')}, "
+                             f"not on this host ({self.host}): only its agent and roles there can map it")
+
     def stream(self, session: int) -> SessionStream:
+        self._local("attention", session)
         addr = self.plan["attention"][session]["stream"]
         buf = self.device.view(addr, self.stream_layout.total_bytes, field="session stream")
         return SessionStream(buf, self.stream_layout, self.dtype)
@@ -168,10 +217,21 @@ class RunMemory:
                                 field="status").reshape(n, len(STATUS_FIELDS))
 
     def digests(self) -> np.ndarray:
-        """[steps, A, M] uint64: bit 32 set = written, low 32 bits = the crc of that step output."""
+        """A ring [rows, A, M] uint64 over the newest steps: high 32 bits = step + 1 (0 = empty), low 32 = crc."""
         c = self.cfg
-        return self.device.view(self.plan["digests"], 8 * c.steps * c.sessions * c.micro_batch_num, np.uint64,
-                                field="digests").reshape(c.steps, c.sessions, c.micro_batch_num)
+        rows = digest_rows(c)
+        return self.device.view(self.plan["digests"], 8 * rows * c.sessions * c.micro_batch_num, np.uint64,
+                                field="digests").reshape(rows, c.sessions, c.micro_batch_num)
+
+    def units_done(self) -> list[int]:
+        """Per session: micro-batch layer passes combined so far (from the status table)."""
+        status = self.status()
+        return [int(status[self.role_index[f"combine{s}"]][STATUS["progress"]]) for s in range(self.cfg.sessions)]
+
+    def steps_done(self) -> int:
+        """Steps every micro-batch of every session has completed."""
+        per_step = self.cfg.layers * self.cfg.micro_batch_num
+        return min(u // per_step for u in self.units_done())
 
     def outputs(self) -> np.ndarray:
         c = self.cfg
@@ -180,13 +240,61 @@ class RunMemory:
             c.sessions, c.micro_batch_num, c.micro_batch_size, c.hidden_size)
 
     def group(self, notify=None) -> comm.Group:
-        """The HCCL group: FFN ranks 0..F-1, then attention ranks; windows in this host's memory."""
+        """The HCCL group: FFN ranks 0..F-1, then attention ranks. A window in this host's memory is a LocalWindow;
+        one owned by another host is a RemoteWindow whose puts travel to that host's agent (afd.comm_remote)."""
         windows = {}
         for f, a in enumerate(self.plan["ffn"]):
-            windows[f] = comm.LocalWindow(self.device, a["window"], a["window_size"])
+            windows[f] = self._window(a, f in self.local_ranks)
         for s, a in enumerate(self.plan["attention"]):
-            windows[self.cfg.attention_rank(s)] = comm.LocalWindow(self.device, a["window"], a["window_size"])
-        return comm.Group(f"afd-{self.plan['namespace']}", self.cfg.world_size, windows, notify)
+            windows[self.cfg.attention_rank(s)] = self._window(a, s in self.local_sessions)
+        return comm.Group(f"afd-{self.plan.get('run', self.plan['namespace'])}", self.cfg.world_size, windows, notify)
+
+    def _window(self, entry: dict, local: bool):
+        if local:
+            return comm.LocalWindow(self.device, entry["window"], entry["window_size"])
+        from ..comm_remote import RemoteWindow
+        return RemoteWindow(self._link(entry["host"]), entry["window"], entry["window_size"])
+
+    def _link(self, host: str):
+        if self.remote is None:
+            raise ValueError(f"host {self.host}: a window on host {host} needs a link to its agent (none set)")
+        return self.remote(host)
+
+    def f2a_stamps(self, session: int, rank: int):
+        """Where FFN rank `rank` stamps its last F2A flag store per micro-batch of `session` (for hop latency):
+        `stamp(micro_batches, t_ns)`, a plain store on this host, an ordered put to the session host's agent
+        otherwise (sent before the flags, so a reader never sees flags without their stamp)."""
+        M = self.cfg.micro_batch_num
+        if session in self.local_sessions:
+            row = self.stream(session).f2a_last_flag_ns[rank]
+
+            def stamp(mbs, t_ns: int) -> None:
+                row[mbs] = t_ns
+            return stamp
+        from ..comm_remote import RemoteWindow
+        entry = self.plan["attention"][session]
+        region = RemoteWindow(self._link(entry["host"]), entry["stream"] + self.stream_layout.f2a_offset,
+                              8 * self.cfg.ffn_ranks * M)
+        return lambda mbs, t_ns: region.put_i64(8 * rank * M, mbs, t_ns)
+
+    def regions(self) -> dict:
+        """What other hosts may write here (an agent's whitelist): this host's windows and F2A stamp areas."""
+        from ..comm_remote import LocalRegion
+        out = {}
+        for f in self.local_ranks:
+            a = self.plan["ffn"][f]
+            out[a["window"]] = LocalRegion(self.device, a["window"], a["window_size"])
+        for s in self.local_sessions:
+            a = self.plan["attention"][s]
+            out[a["window"]] = LocalRegion(self.device, a["window"], a["window_size"])
+            stamps = a["stream"] + self.stream_layout.f2a_offset
+            out[stamps] = LocalRegion(self.device, stamps, 8 * self.cfg.ffn_ranks * self.cfg.micro_batch_num)
+        return out
+
+    def fault_times(self) -> dict[str, int]:
+        """When each role fired its fault (monotonic ns, 0 = never), from the status table."""
+        status = self.status()
+        return {role: int(status[i][STATUS["fault_ns"]]) for role, i in self.role_index.items()}
 
     def expert_rank_table(self) -> np.ndarray:
         """[L, E+1, 1+2*F] int32: per expert [count, rank_0, local_0, ...]; local id = layer*n_local + j."""

@@ -33,6 +33,9 @@ def _role_entry(role_id: str, config_json: str, plan: dict, endpoint: str, launc
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops through run_flag
     cfg = Config.model_validate_json(config_json)
+    if cfg.strict:  # the ops' hardware limits follow the run's strict mode
+        from ..ops import set_strict
+        set_strict(True)
     module = importlib.import_module(f"afd.roles.{ROLE_MODULES[split_role(role_id)[0]]}")
     rt = RoleRuntime(role_id, endpoint, cfg, plan, launcher_pid=launcher_pid, run_dir=run_dir)
     sys.exit(run_role(rt, module.body))
@@ -155,7 +158,7 @@ class Pipeline:
         """Steps every micro-batch of every session has completed so far."""
         if self.mem is None:
             return 0
-        return int(np.all((self.mem.digests() >> np.uint64(32)) == 1, axis=(1, 2)).sum())
+        return self.mem.steps_done()
 
     def wait(self, timeout: float | None = None) -> Result:
         """Supervise until the controller reports the end (or a process dies), then clean up; returns the Result."""

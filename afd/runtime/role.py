@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 import time
 import traceback
 
 import zmq
 
-from .. import control
+from .. import control, health
 from ..config import Config
 from ..errors import AfdError
 from ..faults import Fault
@@ -16,6 +17,9 @@ from ..ops._polling import Stopped, Waiting
 from ..timing import hold_until
 from .memory import OP, STATUS, RunMemory
 
+
+EVENT_CAP = 100_000  # events kept per role (the newest)
+SAMPLE_CAP = 100_000  # latency samples kept per metric and role
 
 # Ops that re-read run_flag themselves: on a stop they return OK instead of being interrupted.
 RUN_FLAG_OPS = frozenset({"attention_worker_scheduler_", "ffn_worker_scheduler_"})
@@ -48,8 +52,9 @@ class RoleRuntime:
         self.run_dir = run_dir
         self.curve_keys = curve_keys  # for roles that join from outside the launcher (afd role --keys)
         self.zctx: zmq.Context | None = None
-        self.events: list[tuple] = []
-        self.metrics: dict[str, list] = {}  # per-role latency samples, sent with the final report
+        # Bounded, so a long run keeps flat memory: the newest events and samples are kept.
+        self.events: deque = deque(maxlen=EVENT_CAP)
+        self.metrics: dict[str, deque] = {}  # per-role latency samples, sent with the final report
         self.stopping = False
         self.stop_reason = ""
         self.malformed = 0
@@ -68,11 +73,20 @@ class RoleRuntime:
         self._started_at = time.monotonic()
         self.mem: RunMemory | None = None
         self.status = None
+        self.host: str | None = None  # multi-host runs: the host this role runs on
+        self.links: dict = {}  # host -> afd.comm_remote.AgentLink (other hosts' windows and doorbells)
+        self.register_extra: dict = {}  # sent with `register` (an agent's memory part)
+        self.report_extra: dict = {}  # sent with the final report
+        self.ended = False  # the controller's `end`: every role reported (agents then release the memory)
+        self.on_welcome = None  # called once the welcome set cfg and plan, before attaching (an agent allocates)
+        self.phase = "joining"
 
     # -- joining ----------------------------------------------------------------------------------------
     def connect(self) -> None:
         """Register with the controller, get the plan, subscribe, and wait for `start` (bounded)."""
-        self.zctx = zmq.Context()
+        if self.zctx is None:
+            self.zctx = zmq.Context()
+        health.beat(self.role, "joining")
         self.dealer = control.socket(self.zctx, zmq.DEALER, identity=self.role.encode())
         keys = (self.plan or {}).get("curve") or self.curve_keys
         control.curve_client(self.dealer, keys)
@@ -101,7 +115,9 @@ class RoleRuntime:
                                      f"within {timeout:.0f}s")
             self.dealer.send_multipart(control.encode("register", {"role": self.role, "pid": os.getpid(),
                                                                    "doorbell": self.doorbell_endpoint,
-                                                                   "clock_ns": time.monotonic_ns()}))
+                                                                   "clock_ns": time.monotonic_ns(),
+                                                                   **self.register_extra}))
+            health.beat(self.role, "joining")
             if poller.poll(200):
                 try:
                     kind, payload = control.decode(self.dealer.recv_multipart())
@@ -114,10 +130,20 @@ class RoleRuntime:
             self.cfg = Config.model_validate(welcome["config"])
         if self.plan is None:
             self.plan = welcome["plan"]
-        self.sub.connect(welcome["pub"])
+        self.sub.connect(_reachable(welcome["pub"], self.controller_endpoint))
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.mem = RunMemory.attach(self.cfg, self.plan)
-        self.status = self.mem.status()[self.mem.role_index[self.role]]
+        if self.on_welcome is not None:
+            self.on_welcome()
+        if "namespace" not in self.plan:  # agent mode: each host's memory is its agent's, found in plan["hosts"]
+            self.host = self.cfg.host_of(self.role)
+        if self.mem is None:
+            self.mem = RunMemory.attach(self.cfg, self.plan, self.host)
+        self.mem.remote = self.link
+        if self.role in self.mem.role_index:
+            self.status = self.mem.status()[self.mem.role_index[self.role]]
+        else:  # an agent: no row in the roles' status table
+            import numpy as np
+            self.status = np.zeros(len(STATUS), np.int64)
         self.status[STATUS["pid"]] = os.getpid()
         self.status[STATUS["state"]] = 1
         poller = zmq.Poller()
@@ -127,6 +153,7 @@ class RoleRuntime:
             self._check_launcher()
             if time.monotonic() > deadline:
                 raise ControllerLost(f"{self.role}: no start from the controller within {timeout:.0f}s")
+            health.beat(self.role, "joining")
             for sock, _ in poller.poll(200):
                 try:
                     kind, payload = control.decode(sock.recv_multipart())
@@ -140,6 +167,8 @@ class RoleRuntime:
                             self.ring(peer)
                     self._last_controller = time.monotonic()
                     self.status[STATUS["state"]] = 2
+                    self.phase = "running"
+                    health.beat(self.role, self.phase)
                     self.on_start(payload)
                     return
                 if kind == "stop":
@@ -197,8 +226,24 @@ class RoleRuntime:
             setattr(ctx.attention if field != "schedule_mode" else ctx.common, field, bad[field])
 
     # -- doorbells --------------------------------------------------------------------------------------
+    def link(self, host: str):
+        """This process's ordered connection to another host's window agent (made on first use)."""
+        link = self.links.get(host)
+        if link is None:
+            from ..comm_remote import AgentLink
+            keys = (self.plan or {}).get("curve") or self.curve_keys
+            link = self.links[host] = AgentLink(self.zctx, self.plan["hosts"][host]["transport"], keys, self.role,
+                                                host)
+        return link
+
     def ring(self, role_id: str) -> None:
-        """Wake a role that may be blocked: best effort, never blocks (the shared memory is the truth)."""
+        """Wake a role that may be blocked: best effort, never blocks (the shared memory is the truth). A role on
+        another host is rung by its host's agent, after the puts this process sent there before the ring."""
+        if self.host is not None:
+            host = self.cfg.host_of(role_id)
+            if host is not None and host != self.host:
+                self.link(host).ring(role_id)
+                return
         sock = self._pushers.get(role_id)
         if sock is None:
             endpoint = self.directory.get(role_id)
@@ -299,6 +344,8 @@ class RoleRuntime:
             if kind == "stop":
                 self.stopping = True
                 self.stop_reason = payload.get("reason", "stop")
+            elif kind == "end":
+                self.ended = True
             elif kind == "fault":
                 fault = Fault.from_dict(payload["fault"])
                 if fault.target == self.role:
@@ -308,9 +355,12 @@ class RoleRuntime:
             self.stop_reason = self.stop_reason or "run_flag=0"
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + int(self.cfg.heartbeat_interval_s * 1e9)
-            self.status[STATUS["heartbeat_ns"]] = time.monotonic_ns()
-            self.dealer.send_multipart(control.encode("heartbeat", {"progress": int(self.status[STATUS["progress"]])}),
-                                       zmq.NOBLOCK)
+            s = self.status
+            s[STATUS["heartbeat_ns"]] = time.monotonic_ns()
+            self.dealer.send_multipart(control.encode("heartbeat", {
+                "progress": int(s[STATUS["progress"]]), "step": int(s[STATUS["step"]]),
+                "layer": int(s[STATUS["layer"]]), "micro_batch": int(s[STATUS["micro_batch"]])}), zmq.NOBLOCK)
+            health.beat(self.role, "stopping" if self.stopping else self.phase)
         self._check_launcher()
         if self.faults and any(f.t is not None for f in self.faults):
             s = self.status
@@ -342,6 +392,10 @@ class RoleRuntime:
             self.events.append((name, t_ns, t_ns, int(s[STATUS["step"]]), int(s[STATUS["layer"]]),
                                 int(s[STATUS["micro_batch"]]), args))
 
+    def samples(self, name: str) -> deque:
+        """A bounded list of latency samples reported under `name`."""
+        return self.metrics.setdefault(name, deque(maxlen=SAMPLE_CAP))
+
     def progressed(self) -> None:
         self.status[STATUS["progress"]] += 1
 
@@ -350,10 +404,17 @@ class RoleRuntime:
 
     def finish(self, outcome: str, error: BaseException | None = None, extra: dict | None = None) -> None:
         """Send the final report (stats, events) to the controller; best effort."""
+        self.phase = outcome
+        health.beat(self.role, outcome)
         payload = {"role": self.role, "outcome": outcome, "malformed": self.malformed,
-                   "events": self.events if self.cfg and self.cfg.trace else [], "extra": extra or {},
-                   "metrics": self.metrics, "pid": os.getpid(),
+                   "events": list(self.events) if self.cfg and self.cfg.trace else [], "extra": extra or {},
+                   "metrics": {k: list(v) for k, v in self.metrics.items()}, "pid": os.getpid(),
                    "clock_offset_ns": 0}  # add to local CLOCK_MONOTONIC to get the controller's clock (same host: 0)
+        if self.report_extra:
+            payload["extra"] = {**self.report_extra, **payload["extra"]}
+        if self.status is not None:
+            payload["progress"] = int(self.status[STATUS["progress"]])
+            payload["fault_ns"] = int(self.status[STATUS["fault_ns"]])
         if error is not None:
             payload["error"] = describe_error(error)
         if self.status is not None:
@@ -424,10 +485,21 @@ def describe_error(error: BaseException) -> dict:
     return out
 
 
-def run_role(rt: RoleRuntime, body) -> int:
-    """Run a role body with the common lifecycle: connect, body(rt), report; exit code 0 on success or stop."""
+def _reachable(endpoint: str, controller: str) -> str:
+    """A bound-to-every-interface endpoint the controller advertised, made reachable: the host we reached it at."""
+    for wildcard in ("0.0.0.0", "*"):
+        if f"://{wildcard}:" in endpoint and controller.startswith("tcp://"):
+            return endpoint.replace(wildcard, controller[len("tcp://"):].rsplit(":", 1)[0], 1)
+    return endpoint
+
+
+def run_role(rt: RoleRuntime, body, prepare=None) -> int:
+    """Run a role body with the common lifecycle: (prepare(rt)), connect, body(rt), report; exit code 0 on success
+    or stop."""
     code = 0
     try:
+        if prepare is not None:
+            prepare(rt)
         rt.connect()
         body(rt)
         rt.finish("completed")
@@ -435,9 +507,9 @@ def run_role(rt: RoleRuntime, body) -> int:
         rt.finish("stopped", extra={"reason": str(exc)})
     except ControllerLost as exc:
         rt.finish("orphaned", exc)
-        if rt.plan is not None and rt.launcher_pid is not None:
+        if rt.mem is not None and rt.launcher_pid is not None:
             from ..device import sweep
-            sweep(rt.plan["namespace"])  # the owner is gone: do not leave its segments to a later run
+            sweep(rt.mem.device.namespace)  # the owner is gone: do not leave its segments to a later run
         code = 3
     except BaseException as exc:  # report what broke, then exit non-zero
         rt.finish("failed", exc)

@@ -1,0 +1,105 @@
+"""Window agent agent-<host>: owns one host's device memory, applies other hosts' window writes in order, rings its roles.
+
+In a multi-host run (a `hosts:` section, or roles started one by one with `afd role`) nobody else on a host may own
+its shared memory: the agent creates the host's part of the run's memory (RunMemory.create(host=...)) once the
+controller's welcome gave it the run's config, reports the addresses (`part`), and the controller hands every role
+the merged plan. It then serves the window transport (afd.comm_remote.WindowServer) until the controller's `end`:
+the puts of another host's writer are applied in arrival order, so slot data lands before its flag. On a stop it
+writes run_flag = 0 into this host's contexts and rings the host's roles. At the end it reports what only this host's
+memory knows (digests, final outputs, status rows: progress and fault times) and unlinks the memory.
+"""
+from __future__ import annotations
+
+import base64
+import os
+
+import numpy as np
+import zmq
+
+from .. import control
+from ..comm_remote import WindowServer
+from ..config import AGENT_PREFIX
+from ..device import Device, new_namespace
+from ..runtime.memory import STATUS, STATUS_FIELDS, RunMemory
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def transport_endpoints(address: str, port: int = 0) -> tuple[str, str]:
+    """(bind, advertise) for a host's agent: a loopback address binds there, any other binds every interface."""
+    if address in LOOPBACK:
+        return f"tcp://{address}:{port}", address
+    return f"tcp://0.0.0.0:{port}", address
+
+
+def prepare(rt) -> None:
+    """Before joining: the memory is created once the welcome brings the run's config (on_welcome)."""
+    rt.host = rt.role[len(AGENT_PREFIX):]
+
+    def on_welcome() -> None:
+        cfg, host = rt.cfg, rt.host
+        if host not in cfg.host_map():
+            raise ValueError(f"{rt.role}: host {host!r} is not in the run's hosts ({', '.join(cfg.host_map())})")
+        namespace = getattr(rt, "namespace", None) or new_namespace()
+        rt.mem = RunMemory.create(cfg, Device(namespace), host)
+        keys = (rt.plan or {}).get("curve") or rt.curve_keys
+        rt.auth = control.start_authenticator(rt.zctx, keys)
+        rt.transport = control.socket(rt.zctx, zmq.ROUTER, rcvhwm=100000, router_mandatory=0)
+        control.curve_server(rt.transport, keys)
+        bind, advertise = transport_endpoints(cfg.host_map()[host].address,
+                                              int(os.environ.get("AFD_AGENT_PORT", "0")))
+        endpoint = control.bind(rt.transport, bind).replace("0.0.0.0", advertise)
+        rt.transport_endpoint = endpoint
+        rt.send("part", {"host": host, "part": rt.mem.plan, "transport": endpoint})
+
+    rt.on_welcome = on_welcome
+
+
+def body(rt) -> None:
+    mem = rt.mem
+    local_roles = [r for r in rt.cfg.host_map()[rt.host].roles]
+    server = WindowServer(mem.regions(), ring=rt.ring)
+    poller = zmq.Poller()
+    poller.register(rt.transport, zmq.POLLIN)
+    poller.register(rt.sub, zmq.POLLIN)
+    stopped = False
+    try:
+        while not rt.ended:
+            if dict(poller.poll(10)).get(rt.transport):
+                for _ in range(1000):  # drain, but keep servicing the control plane under a flood
+                    try:
+                        frames = rt.transport.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    server.handle(rt.transport, frames)
+            rt.service()
+            if rt.stopping and not stopped:  # this host's truth; the other hosts' agents write theirs
+                stopped = True
+                mem.stop_all()
+                for role in local_roles:
+                    rt.ring(role)
+    finally:
+        rt.report_extra = {"host": rt.host, "namespace": mem.device.namespace, "transport":
+                           getattr(rt, "transport_endpoint", ""), "applied": server.stats,
+                           "refused": server.refused, "last_refused": server.last_error, **host_state(mem)}
+        if getattr(rt, "auth", None) is not None:
+            rt.auth.stop()
+
+
+def host_state(mem: RunMemory) -> dict:
+    """What only this host's memory knows, for the run's result: its sessions' digests and final outputs, and the
+    status rows of its roles (progress, fault times)."""
+    sessions = mem.local_sessions
+    digests = mem.digests()
+    outputs = mem.outputs()
+    status = mem.status()
+    roles = [r for r in mem.cfg.host_map()[mem.host].roles if r in mem.role_index]
+    return {
+        "sessions": sessions,
+        "digests": {str(s): digests[:, s, :].astype(np.uint64).tolist() for s in sessions},
+        "outputs": {str(s): base64.b64encode(np.ascontiguousarray(outputs[s]).tobytes()).decode() for s in sessions},
+        "status": {r: dict(zip(STATUS_FIELDS, map(int, status[mem.role_index[r]]))) for r in roles},
+    }
+
+
+__all__ = ["prepare", "body", "host_state", "STATUS"]
