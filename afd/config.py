@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from .errors import ConfigError
 from .layout import AttentionWindowLayout, FfnOutLayout, FfnWindowLayout, align512
 
 ITEMSIZE = {"fp16": 2, "bf16": 2}
+AGENT_PREFIX = "agent-"
 TOKEN_DTYPE_CODE = {"fp16": 0, "bf16": 1}
 Number = StrictInt | StrictFloat
 
@@ -39,10 +41,11 @@ class DeviceTimeConfig(_Strict):
 
 
 class HostConfig(_Strict):
-    """One host of a multi-host layout: which roles it runs."""
+    """One host of a multi-host layout: which roles it runs, and the address its window agent is reached at."""
 
     roles: list[StrictStr]
-    address: StrictStr = "127.0.0.1"
+    address: StrictStr = Field("127.0.0.1", description="where other hosts reach this host's agent (name or IP); "
+                                                        "a loopback address binds there, any other binds 0.0.0.0")
 
 
 class Config(_Strict):
@@ -123,6 +126,20 @@ class Config(_Strict):
             unknown = sorted(set(placed) - set(self.role_ids()))
             if unknown:
                 raise ValueError(f"hosts: unknown roles {unknown}")
+            twice = sorted({r for r in placed if placed.count(r) > 1})
+            if twice:
+                raise ValueError(f"hosts: roles {twice} are placed on more than one host")
+            bad = [h for h in self.hosts if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", h)]
+            if bad:
+                raise ValueError(f"hosts: host names {bad} must be letters, digits, '_', '.', '-'")
+            for s in range(self.sessions):  # one session's roles share its context and stream: one host
+                names = [f"attn{s}", f"sched{s}", f"combine{s}"]
+                where = {r: self.host_of(r) for r in names if r in self.role_ids()}
+                if len(set(where.values())) > 1:
+                    raise ValueError(f"hosts: the roles of session {s} share its context and stream and must be on "
+                                     f"one host, got {where}")
+            if len(self.hosts) > 1 and self.control.transport != "tcp":
+                raise ValueError("control.transport: must be tcp when roles are spread over several hosts")
         return self
 
     # -- derived sizes ------------------------------------------------------------------------
@@ -187,6 +204,37 @@ class Config(_Strict):
             ids += [f"attn{s}"] + ([] if self.fuse_scheduler else [f"sched{s}"]) + [f"combine{s}"]
         ids += [f"ffn{f}" for f in range(self.ffn_ranks)]
         return ids
+
+    # -- hosts ------------------------------------------------------------------------------------
+    @property
+    def multi_host(self) -> bool:
+        """True when a `hosts:` section places the roles (each host's memory is then owned by its agent)."""
+        return self.hosts is not None
+
+    def host_map(self) -> dict[str, HostConfig]:
+        """The hosts and their roles; without a `hosts:` section, one host "local" with every role."""
+        if self.hosts is not None:
+            return dict(self.hosts)
+        return {"local": HostConfig(roles=[r for r in self.role_ids() if r != "controller"])}
+
+    def host_of(self, role_id: str) -> str | None:
+        """The host a role runs on (None for the controller when it is placed nowhere); agents: agent-<host>."""
+        if role_id.startswith(AGENT_PREFIX):
+            return role_id[len(AGENT_PREFIX):]
+        for name, host in self.host_map().items():
+            if role_id in host.roles:
+                return name
+        return None
+
+    def session_host(self, session: int) -> str:
+        return self.host_of(f"attn{session}")
+
+    def ffn_host(self, rank: int) -> str:
+        return self.host_of(f"ffn{rank}")
+
+    def agent_ids(self) -> list[str]:
+        """One window agent per host: it owns the host's device memory and applies other hosts' writes."""
+        return [f"{AGENT_PREFIX}{h}" for h in self.host_map()]
 
     @property
     def passes(self) -> int:

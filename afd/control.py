@@ -8,11 +8,13 @@ from pathlib import Path
 
 import zmq
 
-# Message kinds. role -> controller: register, heartbeat, done, report, failure.
-# controller -> role (pub): start, stop, tick, fault. controller -> role (direct): welcome.
+# Message kinds. role -> controller: register, heartbeat, done, report, failure; agent -> controller: part (its
+# host's memory). controller -> role (pub): start, stop, tick, fault, end (agents may release the memory).
+# controller -> role (direct): welcome.
 # launcher/afd stop -> controller: stop, inject, role_died, status. controller -> launcher: progress, result.
 KINDS = frozenset({"register", "heartbeat", "done", "report", "failure", "welcome", "start", "stop", "tick",
-                   "fault", "inject", "role_died", "progress", "result", "status", "status_reply", "ack"})
+                   "fault", "inject", "role_died", "progress", "result", "status", "status_reply", "ack",
+                   "part", "end"})
 MAX_PAYLOAD = 64 << 20
 
 

@@ -21,7 +21,11 @@ class Controller:
 
     def __init__(self, config: Config, plan: dict, endpoint: str, pub_endpoint: str, launcher_pid: int | None):
         self.cfg, self.plan = config, plan
-        self.expected = [r for r in plan["roles"] if r != "controller"]
+        # Agent mode (a `hosts:` section, or roles started by `afd role`): each host's agent owns that host's memory;
+        # the controller shares none, so it learns progress, digests and fault times from messages.
+        self.multi = "namespace" not in plan
+        self.agents = list(plan.get("agents", []))
+        self.expected = [r for r in plan["roles"] if r != "controller"] + self.agents
         self.launcher_pid = launcher_pid
         self.zctx = zmq.Context()
         keys = plan.get("curve")
@@ -32,8 +36,14 @@ class Controller:
         self.pub = control.socket(self.zctx, zmq.XPUB, xpub_verbose=1)
         control.curve_server(self.pub, keys)
         self.pub_endpoint = control.bind(self.pub, pub_endpoint)
-        self.mem = RunMemory.attach(config, plan)
-        self.status_table = self.mem.status()  # mapped now: a mapping outlives the owner's unlink at teardown
+        self.mem = None if self.multi else RunMemory.attach(config, plan)
+        # mapped now: a mapping outlives the owner's unlink at teardown
+        self.status_table = self.mem.status() if self.mem is not None else None
+        self.parts: dict[str, dict] = {}  # host -> its agent's memory part and transport endpoint
+        self.plan_ready = not self.multi
+        self.pending_welcome: dict[str, bytes] = {}  # roles that registered before every agent reported its part
+        self.beats: dict[str, dict] = {}  # role -> its last heartbeat (step, layer, micro_batch, progress)
+        self.ended_at = None
         self.registered: dict[str, dict] = {}
         self.last_seen: dict[str, float] = {}
         self.subscriptions = 0
@@ -73,18 +83,28 @@ class Controller:
         if self.phase == "stopping":
             return
         self.in_flight = self.snapshot()
-        self.mem.stop_all()  # the truth: every poll re-reads run_flag
-        self.broadcast("stop", {"reason": reason})  # the wake-up
+        if self.mem is not None:
+            self.mem.stop_all()  # the truth: every poll re-reads run_flag
+        self.broadcast("stop", {"reason": reason})  # the wake-up (and, across hosts, each host writes its run_flag)
+        for identity in self.pending_welcome.values():  # roles still waiting for the plan never subscribed
+            self.reply(identity, "stop", {"reason": reason})
+        self.pending_welcome.clear()
         self.outcome, self.reason, self.failure = outcome, reason, failure
         self.detect_ns = time.monotonic_ns()
-        self.note(f"stopping ({outcome}): {reason}; run_flag=0 written into every context")
+        self.note(f"stopping ({outcome}): {reason}; run_flag=0 written into every context"
+                  + (" (by each host's roles and agent)" if self.multi else ""))
         self.phase = "stopping"
         self.stop_at = time.monotonic()
 
     def snapshot(self) -> dict:
-        """Step, layer and micro-batch each role had in flight (from the shared status table)."""
+        """Step, layer and micro-batch each role had in flight (from the shared status table, or the heartbeats)."""
         table = self.status_table
         out = {}
+        if table is None:
+            for role in self.plan["roles"]:
+                beat = self.beats.get(role, {})
+                out[role] = {k: int(beat.get(k, 0)) for k in ("step", "layer", "micro_batch", "progress")}
+            return out
         for role, i in self.mem.role_index.items():
             row = table[i]
             out[role] = {"step": int(row[STATUS["step"]]), "layer": int(row[STATUS["layer"]]),
@@ -93,7 +113,11 @@ class Controller:
 
     def progress(self) -> tuple[int, int]:
         table = self.status_table
-        done = sum(int(table[self.mem.role_index[f"combine{s}"]][STATUS["progress"]]) for s in range(self.cfg.sessions))
+        if table is None:
+            done = sum(int(self.beats.get(f"combine{s}", {}).get("progress", 0)) for s in range(self.cfg.sessions))
+        else:
+            done = sum(int(table[self.mem.role_index[f"combine{s}"]][STATUS["progress"]])
+                       for s in range(self.cfg.sessions))
         total = self.cfg.sessions * self.cfg.steps * self.cfg.layers * self.cfg.micro_batch_num
         return done, total
 
@@ -120,21 +144,31 @@ class Controller:
                 self.note(f"{role} registered (pid {payload.get('pid')})")
             self.registered[role] = payload
             self.last_seen[role] = time.monotonic()
-            plan = {k: v for k, v in self.plan.items() if k != "curve"}  # never send key material
-            self.reply(identity, "welcome", {"pub": self.pub_endpoint, "config": self.cfg.model_dump(mode="json"),
-                                             "plan": plan})
+            if self.phase == "stopping":  # too late to join: it would wait for a start that never comes
+                self.reply(identity, "stop", {"reason": self.reason})
+            elif self.plan_ready or role in self.agents:
+                self.welcome(identity)
+            else:  # the plan needs every host's memory part first
+                self.pending_welcome[role] = identity
+        elif kind == "part":
+            self.on_part(sender, payload)
         elif kind == "heartbeat":
             if sender in self.registered:
                 self.last_seen[sender] = time.monotonic()
+                self.beats[sender] = payload
             else:
                 self.unknown_senders += 1
         elif kind == "done":
             if sender in self.registered:
                 self.done.add(sender)
+                if "progress" in payload:
+                    self.beats.setdefault(sender, {}).update(progress=payload["progress"])
         elif kind == "report":
             if sender in self.registered:
                 self.reports[sender] = payload
                 self.last_seen[sender] = time.monotonic()
+                if "progress" in payload:
+                    self.beats.setdefault(sender, {}).update(progress=payload["progress"])
                 if payload.get("outcome") == "failed":
                     err = payload.get("error", {})
                     failure = {"role": sender, "kind": "error", "error": err}
@@ -166,6 +200,29 @@ class Controller:
             self.reply(identity, "status_reply", {"phase": self.phase, "done": done, "total": total})
         else:
             self.unknown_senders += 1
+
+    def welcome(self, identity: bytes) -> None:
+        plan = {k: v for k, v in self.plan.items() if k != "curve"}  # never send key material
+        self.reply(identity, "welcome", {"pub": self.pub_endpoint, "config": self.cfg.model_dump(mode="json"),
+                                         "plan": plan})
+
+    def on_part(self, sender: str, payload: dict) -> None:
+        """An agent's memory part: once every host's is in, the plan is complete and waiting roles are welcomed."""
+        host = payload.get("host")
+        if sender not in self.agents or sender != f"agent-{host}" or not isinstance(payload.get("part"), dict):
+            self.unknown_senders += 1
+            return
+        if host not in self.parts:
+            self.note(f"host {host}: memory namespace {payload['part'].get('namespace')}, window agent at "
+                      f"{payload.get('transport')}")
+        self.parts[host] = payload
+        if not self.plan_ready and len(self.parts) == len(self.agents):
+            self.plan = RunMemory.merge_parts(self.plan, {h: p["part"] for h, p in self.parts.items()},
+                                              {h: p["transport"] for h, p in self.parts.items()})
+            self.plan_ready = True
+            for identity in self.pending_welcome.values():
+                self.welcome(identity)
+            self.pending_welcome.clear()
 
     def on_pub(self, frames: list[bytes]) -> None:
         if frames and frames[0][:1] == b"\x01":
@@ -222,7 +279,15 @@ class Controller:
                 self.reply(b"launcher", "progress", {"done": done, "total": total, "phase": self.phase})
             if self.phase == "stopping":
                 alive = set(self.registered) - set(self.reports)
-                if not alive or now - self.stop_at > 1.5:
+                if not self.agents:
+                    if not alive or now - self.stop_at > 1.5:
+                        self.finish()
+                        return 0
+                elif self.ended_at is None:
+                    if not (alive - set(self.agents)) or now - self.stop_at > 1.5:
+                        self.ended_at = now  # every role is done with the memory: the agents may release it
+                        self.broadcast("end")
+                elif not alive or now - self.ended_at > 1.5:
                     self.finish()
                     return 0
 
@@ -230,14 +295,19 @@ class Controller:
         """Faults that target the controller: a stop at a point of progress (as stop_schedule()), or its own death."""
         if not self.own_faults:
             return
-        row = self.status_table[self.mem.role_index["combine0"]]
-        point = (int(row[STATUS["step"]]), int(row[STATUS["layer"]]), int(row[STATUS["micro_batch"]]))
+        if self.status_table is not None:
+            row = self.status_table[self.mem.role_index["combine0"]]
+            point = (int(row[STATUS["step"]]), int(row[STATUS["layer"]]), int(row[STATUS["micro_batch"]]))
+        else:
+            beat = self.beats.get("combine0", {})
+            point = (int(beat.get("step", 0)), int(beat.get("layer", 0)), int(beat.get("micro_batch", 0)))
         for fault in list(self.own_faults):
             if fault.reached(*point, now - self.started_at):
                 self.own_faults.remove(fault)
                 self.note(f"fault {fault.spec} fires")
                 self.fault_ns = time.monotonic_ns()
-                self.status_table[self.mem.role_index["controller"]][STATUS["fault_ns"]] = self.fault_ns
+                if self.status_table is not None:
+                    self.status_table[self.mem.role_index["controller"]][STATUS["fault_ns"]] = self.fault_ns
                 if fault.kind == "kill":
                     os.kill(os.getpid(), 9)
                 self.begin_stop("stopped", f"fault {fault.spec} at step {point[0]} layer {point[1]} "
@@ -257,7 +327,7 @@ class Controller:
             "outcome": self.outcome, "reason": self.reason, "failure": self.failure, "in_flight": self.in_flight,
             "reports": self.reports, "done": done, "total": total, "malformed": self.malformed,
             "unknown_senders": self.unknown_senders, "detect_ns": getattr(self, "detect_ns", 0),
-            "log": self.log_lines[-2000:],
+            "log": self.log_lines[-2000:], "controller_fault_ns": self.fault_ns,
             "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0})
 
     def orphaned(self) -> None:
@@ -265,7 +335,8 @@ class Controller:
         import shutil
 
         from ..device import sweep
-        sweep(self.plan["namespace"])
+        if not self.multi:  # across hosts each agent removes its own host's memory
+            sweep(self.plan["namespace"])
         for endpoint in (self.endpoint, self.pub_endpoint):
             path = control.ipc_path(endpoint)
             if path:
@@ -275,7 +346,8 @@ class Controller:
         if self.auth is not None:
             self.auth.stop()
         self.zctx.destroy(linger=200)
-        self.mem.device.close()
+        if self.mem is not None:
+            self.mem.device.close()
 
 
 def main(config: Config, plan: dict, endpoint: str, pub_endpoint: str, launcher_pid: int | None) -> int:

@@ -26,8 +26,8 @@ def _step_of(cfg, in_flight: int, layer: int, mb: int) -> int:
 class StampedWindow:
     """An attention window as F2A writes it: stamps flag stores (hop latency) and applies drop-flag / reorder faults."""
 
-    def __init__(self, rt, window, stamps: np.ndarray, flags_per_micro_batch: int):
-        self.rt, self.window, self.stamps, self.per_mb = rt, window, stamps, flags_per_micro_batch
+    def __init__(self, rt, window, stamp, flags_per_micro_batch: int):
+        self.rt, self.window, self.stamp, self.per_mb = rt, window, stamp, flags_per_micro_batch
         self.size = window.size
         self.held = None  # reorder: data held back until after its flags
         self.dropped: list[int] = []
@@ -48,7 +48,7 @@ class StampedWindow:
             index = index[n:]  # the data of these slots landed, their flags never will
             self.rt.window_fault_applied = True
         if offset == 0:  # the flags region: stamp before the stores so a reader never sees flags without it
-            self.stamps[np.unique(index // self.per_mb)] = time.monotonic_ns()
+            self.stamp(np.unique(index // self.per_mb), time.monotonic_ns())
         self.window.put_i32(offset, index, values)
         if self.held is not None and offset == 0:  # reorder: flags went first, the data follows late
             time.sleep(fault.params["ms"] / 1000.0)
@@ -75,8 +75,8 @@ def body(rt) -> None:
     group = mem.group(notify=notify)
     for s in range(A):
         rank = cfg.attention_rank(s)
-        group.windows[rank] = StampedWindow(rt, group.windows[rank], mem.stream(s).f2a_last_flag_ns[f], BS * K1)
-    a2f_done = [mem.stream(s).counters for s in range(A)]
+        group.windows[rank] = StampedWindow(rt, group.windows[rank], mem.f2a_stamps(s, f), BS * K1)
+    a2f_done = {s: mem.stream(s).counters for s in mem.local_sessions}  # sessions on another host: see units
     local = cfg.experts_on(f)
     expert_num = max(1, len(local)) * cfg.layers
     sync_group_size = A if cfg.mode == "sync" else 1
@@ -99,15 +99,16 @@ def body(rt) -> None:
         layers = mem.device.view(ctx.ffn.layer_ids_buf, 4 * out_num, np.int32, field="ffn.layer_ids_buf")
         mbs = mem.device.view(ctx.ffn.micro_batch_ids_buf, 4 * out_num, np.int32, field="ffn.micro_batch_ids_buf")
         s0, layer0, m0 = int(sessions[0]), int(layers[0]), int(mbs[0])
-        step0 = _step_of(cfg, int(a2f_done[s0][A2F_DONE]), layer0, m0)
-        rt.at(step0, layer0, m0)
-        rt.check_faults(step0, layer0, m0)
         units = []  # [session, micro_batch, layer, step] of this round, for the trace
         for key in dict.fromkeys(zip(sessions.tolist(), mbs.tolist(), layers.tolist())):
             last = passes.get(key[:2], -1)
             p = last + 1 + (key[2] - last - 1) % cfg.layers  # next pass of this (session, mb) at that layer
             passes[key[:2]] = p
             units.append([*key, p // cfg.layers])
+        # the step: from the session's A2F counter on this host, else from the passes seen (the same number)
+        step0 = _step_of(cfg, int(a2f_done[s0][A2F_DONE]), layer0, m0) if s0 in a2f_done else units[0][3]
+        rt.at(step0, layer0, m0)
+        rt.check_faults(step0, layer0, m0)
         round_args = {"units": units}
         with rt.op("ffn_worker_batching", round_args):
             batch = ffn_worker_batching(ctx, expert_num, [A, BS, K1, H], token_dtype=mem.token_dtype_code,

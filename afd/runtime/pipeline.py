@@ -23,11 +23,14 @@ from .memory import STATUS, RunMemory
 from .result import Result, build_result
 
 
-def _role_entry(role_id: str, config_json: str, plan: dict, endpoint: str, launcher_pid: int, run_dir: str) -> None:
-    """Spawned child: run one role (module-level so the spawn start method can import it)."""
+def _role_entry(role_id: str, config_json: str, plan: dict | None, endpoint: str, launcher_pid: int, run_dir: str,
+                curve_keys: dict | None = None, namespace: str | None = None) -> None:
+    """Spawned child: run one role, or a host's window agent (module-level so the spawn start method can import it).
+    Without a plan the role gets it from the controller's welcome (multi-host: once every agent reported)."""
     import importlib
     import sys
 
+    from ..config import AGENT_PREFIX
     from ..roles import ROLE_MODULES, split_role
     from .role import RoleRuntime, run_role
 
@@ -36,9 +39,11 @@ def _role_entry(role_id: str, config_json: str, plan: dict, endpoint: str, launc
     if cfg.strict:  # the ops' hardware limits follow the run's strict mode
         from ..ops import set_strict
         set_strict(True)
-    module = importlib.import_module(f"afd.roles.{ROLE_MODULES[split_role(role_id)[0]]}")
-    rt = RoleRuntime(role_id, endpoint, cfg, plan, launcher_pid=launcher_pid, run_dir=run_dir)
-    sys.exit(run_role(rt, module.body))
+    kind = "agent" if role_id.startswith(AGENT_PREFIX) else ROLE_MODULES[split_role(role_id)[0]]
+    module = importlib.import_module(f"afd.roles.{kind}")
+    rt = RoleRuntime(role_id, endpoint, cfg, plan, launcher_pid=launcher_pid, run_dir=run_dir, curve_keys=curve_keys)
+    rt.namespace = namespace  # an agent allocates its host's memory there (so the launcher can sweep it)
+    sys.exit(run_role(rt, module.body, getattr(module, "prepare", None)))
 
 
 def _controller_entry(config_json: str, plan: dict, endpoint: str, pub_endpoint: str, launcher_pid: int) -> None:
@@ -65,6 +70,7 @@ class Pipeline:
         self.pids: dict[str, int] = {}  # kept after close, to check that every process is gone
         self.mem: RunMemory | None = None
         self.device: Device | None = None
+        self.namespaces: dict[str, str] = {}  # multi-host: host -> the namespace its agent allocates in
         self.run_dir: Path | None = None
         self.zctx: zmq.Context | None = None
         self.result: Result | None = None
@@ -76,20 +82,15 @@ class Pipeline:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
+        if self.cfg.multi_host:
+            return self._start_hosts()
         cfg = self.cfg
         namespace = new_namespace()
         self.device = Device(namespace)
         try:
             self.mem = RunMemory.create(cfg, self.device)
             self.run_dir = control.make_run_dir(namespace)
-            if cfg.control.transport == "ipc":
-                endpoint, pub = f"ipc://{self.run_dir}/ctl.sock", f"ipc://{self.run_dir}/pub.sock"
-            else:
-                port = cfg.control.port
-                endpoint = f"tcp://{cfg.control.host}:{port}"
-                pub = f"tcp://{cfg.control.host}:{port + 1 if port else 0}"
-                if not port:  # pick free ports here so roles know where to connect
-                    endpoint, pub = (f"tcp://{cfg.control.host}:{p}" for p in _free_ports(cfg.control.host, 2))
+            endpoint, pub = self._endpoints()
             self.endpoint = endpoint
             if cfg.control.transport == "tcp":  # TCP is reachable by others: encrypt and authenticate
                 self.mem.plan["curve"] = control.make_curve_keys(self.run_dir)
@@ -125,6 +126,63 @@ class Pipeline:
             raise
         return self
 
+    def _endpoints(self) -> tuple[str, str]:
+        cfg = self.cfg
+        if cfg.control.transport == "ipc":
+            return f"ipc://{self.run_dir}/ctl.sock", f"ipc://{self.run_dir}/pub.sock"
+        port = cfg.control.port
+        if not port:  # pick free ports here so roles know where to connect
+            return tuple(f"tcp://{cfg.control.host}:{p}" for p in _free_ports(cfg.control.host, 2))
+        return f"tcp://{cfg.control.host}:{port}", f"tcp://{cfg.control.host}:{port + 1}"
+
+    def _start_hosts(self) -> "Pipeline":
+        """Multi-host on this machine: one shared-memory namespace per host, owned by that host's agent; roles
+        attach only their host's namespace and reach other hosts' windows through the agents (TCP)."""
+        cfg = self.cfg
+        run_id = new_namespace()
+        try:
+            self.namespaces = {h: new_namespace() for h in cfg.host_map()}
+            self.run_dir = control.make_run_dir(run_id)
+            self.endpoint, pub = self._endpoints()
+            keys = control.make_curve_keys(self.run_dir) if cfg.control.transport == "tcp" else None
+            plan = {"run": run_id, "roles": cfg.role_ids(), "agents": cfg.agent_ids(), "token": os.urandom(16).hex(),
+                    "faults": [f.to_dict() for f in self.faults], "curve": keys}
+            cfg_json = cfg.model_dump_json()
+            spawn = multiprocess.get_context("spawn")
+            me = os.getpid()
+            proc = spawn.Process(target=_controller_entry, args=(cfg_json, plan, self.endpoint, pub, me),
+                                 name="controller", daemon=False)
+            proc.start()
+            self.processes["controller"] = proc
+            for agent in cfg.agent_ids():
+                proc = spawn.Process(target=_role_entry, name=agent, daemon=False,
+                                     args=(agent, cfg_json, None, self.endpoint, me, str(self.run_dir), keys,
+                                           self.namespaces[cfg.host_of(agent)]))
+                proc.start()
+                self.processes[agent] = proc
+            for role in cfg.role_ids():
+                if role == "controller":
+                    continue
+                proc = spawn.Process(target=_role_entry, name=role, daemon=False,
+                                     args=(role, cfg_json, None, self.endpoint, me, str(self.run_dir), keys))
+                proc.start()
+                self.processes[role] = proc
+            self.pids = {r: p.pid for r, p in self.processes.items()}
+            self.zctx = zmq.Context()
+            self.dealer = control.socket(self.zctx, zmq.DEALER, identity=b"launcher")
+            control.curve_client(self.dealer, keys)
+            self.dealer.connect(self.endpoint)
+            control.write_run_info(self.run_dir, {"pid": me, "endpoint": self.endpoint, "namespace": run_id,
+                                                  "name": cfg.name, "token": plan["token"],
+                                                  "hosts": self.namespaces,
+                                                  "roles": {r: p.pid for r, p in self.processes.items()}})
+            os.chmod(self.run_dir / "run.json", 0o600)
+            self._started = time.monotonic()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def __enter__(self) -> "Pipeline":
         if self._started is None:
             self.start()
@@ -138,7 +196,7 @@ class Pipeline:
         """run_flag = 0 in every context (the truth), then ask the controller to broadcast the wake-up."""
         if self.mem is not None:
             self.mem.stop_all()
-        if self.zctx is not None:
+        if self.zctx is not None:  # across hosts the broadcast is how each host's run_flag becomes 0
             self.dealer.send_multipart(control.encode("stop", {"reason": reason}))
 
     def inject(self, fault) -> faults_mod.Fault:
@@ -219,7 +277,8 @@ class Pipeline:
             proc.join(0.1)
             self._died[role] = proc.exitcode
             if self._controller_result is None and (proc.exitcode != 0 or role == "controller"):
-                self.mem.stop_all()
+                if self.mem is not None:
+                    self.mem.stop_all()
                 if role != "controller":
                     self.dealer.send_multipart(control.encode("role_died", {"role": role,
                                                                             "exitcode": proc.exitcode}))
@@ -227,13 +286,19 @@ class Pipeline:
                                                                          time.monotonic_ns(), self._in_flight(role))
 
     def _in_flight(self, role: str) -> dict:
+        if self.mem is None or role not in self.mem.role_index:
+            return {}  # multi-host: the controller's snapshot (from heartbeats) says it
         row = self.mem.status()[self.mem.role_index[role]]
         return {k: int(row[STATUS[k]]) for k in ("step", "layer", "micro_batch", "progress")}
 
     def _conclude(self) -> Result:
         self._reap(2.0)
         exit_codes = {r: p.exitcode for r, p in self.processes.items()}
-        self.result = build_result(self.cfg, self.mem, self._controller_result, getattr(self, "_died_first", None),
+        mem = self.mem
+        if mem is None:
+            from .reported import ReportedMemory
+            mem = ReportedMemory(self.cfg, self._controller_result)
+        self.result = build_result(self.cfg, mem, self._controller_result, getattr(self, "_died_first", None),
                                    exit_codes, time.monotonic() - self._started, self.faults)
         return self.result
 
@@ -248,8 +313,11 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop and remove everything of the run: processes, segments, sockets, run directory."""
-        if self.mem is not None and self.processes and any(p.is_alive() for p in self.processes.values()):
-            self.mem.stop_all()
+        if self.processes and any(p.is_alive() for p in self.processes.values()):
+            if self.mem is not None:
+                self.mem.stop_all()
+            elif self.zctx is not None:
+                self.dealer.send_multipart(control.encode("stop", {"reason": "pipeline closed"}))
             self._reap(2.0)
         for proc in self.processes.values():
             if proc.is_alive():
@@ -265,6 +333,8 @@ class Pipeline:
         if self.device is not None:
             self.device.close()
             sweep(self.device.namespace)
+        for namespace in self.namespaces.values():  # the agents unlink their own; this is the safety net
+            sweep(namespace)
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 

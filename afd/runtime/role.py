@@ -10,7 +10,7 @@ import traceback
 import zmq
 
 from .. import control, health
-from ..config import Config
+from ..config import AGENT_PREFIX, Config
 from ..errors import AfdError
 from ..faults import Fault
 from ..ops._polling import Stopped, Waiting
@@ -126,6 +126,8 @@ class RoleRuntime:
                     continue
                 if kind == "welcome":
                     welcome = payload
+                elif kind == "stop":
+                    raise Stopped(reason=payload.get("reason", "stopped before start"))
         if self.cfg is None:
             self.cfg = Config.model_validate(welcome["config"])
         if self.plan is None:
@@ -163,7 +165,7 @@ class RoleRuntime:
                 if kind == "start":
                     self.directory = payload.get("doorbells", {})
                     for peer in self.directory:  # connect every doorbell now, so no first ring is lost
-                        if peer != self.role:
+                        if peer != self.role and not peer.startswith(AGENT_PREFIX):
                             self.ring(peer)
                     self._last_controller = time.monotonic()
                     self.status[STATUS["state"]] = 2
@@ -242,7 +244,8 @@ class RoleRuntime:
         if self.host is not None:
             host = self.cfg.host_of(role_id)
             if host is not None and host != self.host:
-                self.link(host).ring(role_id)
+                if "hosts" in self.plan:  # (an agent never rings another host's roles)
+                    self.link(host).ring(role_id)
                 return
         sock = self._pushers.get(role_id)
         if sock is None:
