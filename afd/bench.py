@@ -5,7 +5,7 @@ rank) in one invocation, so the ratios compare figures taken on the same machine
 
 - pipeline: `afd.runtime.pipeline.run` (the real roles over shared windows), micro-batch-layers per second;
 - hop: the last F2A flag store -> attention_worker_scheduler_ returning, measured in a dedicated two-process setup
-  (the real op, the real RoleRuntime wait policy, a ZeroMQ doorbell) in the default and in the spin waiting mode,
+  (the real op, the real RoleRuntime wait policy, a FIFO doorbell as roles on one host use) in the default and in the spin waiting mode,
   and, for reference, the pipeline's own `flag_hop_ns` samples (which also hold queueing behind the combine);
 - queue: the same roles (attention -> FFN -> combine, the combine output fed back to the next layer) doing the same
   numpy compute on the same shapes, with the arrays pickled through `multiprocess.Queue`s;
@@ -73,6 +73,7 @@ def _hop_runtime(wait: str, doorbell_endpoint: str):
     from . import control
     from .config import load
     from .runtime.memory import STATUS_FIELDS
+    from .runtime import doorbell
     from .runtime.role import RoleRuntime
 
     class HopRuntime(RoleRuntime):
@@ -87,8 +88,7 @@ def _hop_runtime(wait: str, doorbell_endpoint: str):
     cfg = load(bench_config(1, wait=wait))
     rt = HopRuntime("sched0", "ipc://unused", cfg)
     rt.zctx = zmq.Context()
-    rt.doorbell = control.socket(rt.zctx, zmq.PULL, rcvhwm=64)
-    control.bind(rt.doorbell, doorbell_endpoint)
+    rt.doorbell = doorbell.bind(rt.zctx, doorbell_endpoint)
     rt.sub = control.socket(rt.zctx, zmq.SUB)  # never connected: no controller in this setup
     rt.status = np.zeros(len(STATUS_FIELDS), np.int64)
     return rt
@@ -129,9 +129,10 @@ def _hop_writer(ctx, flags: np.ndarray, ctl: np.ndarray, n: int, doorbell_endpoi
 
     from . import control
 
+    from .runtime import doorbell
+
     zctx = zmq.Context()
-    push = control.socket(zctx, zmq.PUSH, sndhwm=4)
-    push.connect(doorbell_endpoint)
+    bell = doorbell.ringer(zctx, doorbell_endpoint)
     rng = random.Random(0)
     try:
         while not ctl[_CTL_READY]:
@@ -151,13 +152,12 @@ def _hop_writer(ctx, flags: np.ndarray, ctl: np.ndarray, n: int, doorbell_endpoi
             row[:-1] = 1
             ctl[_CTL_STAMP] = time.monotonic_ns()
             row[-1] = 1
-            try:
-                push.send(b"", zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            bell.ring()
         while ctl[_CTL_DONE] < n and time.monotonic() < deadline:
             time.sleep(0)
     finally:
+        if hasattr(bell, "close"):
+            bell.close()
         zctx.destroy(linger=0)
 
 
@@ -171,7 +171,7 @@ def measure_hop(n: int, wait: str, gap_us: tuple = (200.0, 1500.0), warmup: int 
     total = n + warmup
     dev = _device.Device()
     tmp = tempfile.mkdtemp(prefix="afd-bench-")
-    endpoint = f"ipc://{tmp}/doorbell.sock"
+    endpoint = f"fifo://{tmp}/doorbell.fifo"  # what roles on one host use
     proc = None
     try:
         ctx, flags, _ = _attention_context(dev, _HOP_M, SHAPE["micro_batch_size"], SHAPE["top_k"] + 1, 512)
@@ -194,7 +194,7 @@ def measure_hop(n: int, wait: str, gap_us: tuple = (200.0, 1500.0), warmup: int 
             proc.join(1.0)
         dev.close()
         try:
-            os.unlink(f"{tmp}/doorbell.sock")
+            os.unlink(f"{tmp}/doorbell.fifo")
         except FileNotFoundError:
             pass
         os.rmdir(tmp)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
@@ -55,6 +56,21 @@ def _controller_entry(config_json: str, plan: dict, endpoint: str, pub_endpoint:
     sys.exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
 
 
+# The reaper: a tiny process holding the read end of a pipe from the launcher. When the pipe closes (the
+# launcher finished, or was SIGKILLed and the kernel closed it), it removes the run's segments and run
+# directory, so nothing outlives a launcher that died after its roles were gone.
+_REAPER = """
+import glob, os, shutil, sys
+sys.stdin.buffer.read()
+for path in glob.glob(os.path.join(sys.argv[1], "afd-" + sys.argv[2] + "-*")):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+shutil.rmtree(sys.argv[3], ignore_errors=True)
+"""
+
+
 class Pipeline:
     """One pipeline run: `with Pipeline(cfg) as p: result = p.wait()`; exit always stops and removes everything."""
 
@@ -90,6 +106,11 @@ class Pipeline:
         try:
             self.mem = RunMemory.create(cfg, self.device)
             self.run_dir = control.make_run_dir(namespace)
+            import subprocess
+            from ..device import SHM_DIR
+            self._reaper = subprocess.Popen([sys.executable, "-S", "-c", _REAPER, SHM_DIR, namespace,
+                                             str(self.run_dir)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             endpoint, pub = self._endpoints()
             self.endpoint = endpoint
             if cfg.control.transport == "tcp":  # TCP is reachable by others: encrypt and authenticate
@@ -337,6 +358,14 @@ class Pipeline:
             sweep(namespace)
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        reaper = getattr(self, "_reaper", None)
+        if reaper is not None:
+            reaper.stdin.close()  # everything is already removed; the reaper checks once more and exits
+            try:
+                reaper.wait(5)
+            except Exception:
+                reaper.kill()
+            self._reaper = None
 
 
 def _free_ports(host: str, n: int) -> list[int]:

@@ -15,6 +15,7 @@ from ..errors import AfdError
 from ..faults import Fault
 from ..ops._polling import Stopped, Waiting
 from ..timing import hold_until
+from . import doorbell
 from .memory import OP, STATUS, RunMemory
 
 
@@ -59,7 +60,7 @@ class RoleRuntime:
         self.stop_reason = ""
         self.malformed = 0
         self.directory: dict[str, str] = {}
-        self._pushers: dict[str, zmq.Socket] = {}
+        self._pushers: dict = {}  # role id -> doorbell ringer
         self._next_service = 0
         self._next_heartbeat = 0
         self._last_controller = time.monotonic()
@@ -91,13 +92,13 @@ class RoleRuntime:
         keys = (self.plan or {}).get("curve") or self.curve_keys
         control.curve_client(self.dealer, keys)
         self.dealer.connect(self.controller_endpoint)
-        self.doorbell = control.socket(self.zctx, zmq.PULL, rcvhwm=64)
         if self.controller_endpoint.startswith("ipc://"):
-            db = f"ipc://{self.run_dir}/db-{self.role}.sock"
+            db = f"fifo://{self.run_dir}/db-{self.role}.fifo"  # one host: a FIFO wakes fastest
         else:
             host = os.environ.get("AFD_ADVERTISE_HOST") or self.controller_endpoint[len("tcp://"):].rsplit(":", 1)[0]
             db = f"tcp://{host}:0" if host in ("127.0.0.1", "localhost") else "tcp://0.0.0.0:0"
-        self.doorbell_endpoint = control.bind(self.doorbell, db)
+        self.doorbell = doorbell.bind(self.zctx, db)
+        self.doorbell_endpoint = self.doorbell.endpoint
         if "0.0.0.0" in self.doorbell_endpoint:
             self.doorbell_endpoint = self.doorbell_endpoint.replace(
                 "0.0.0.0", os.environ.get("AFD_ADVERTISE_HOST", "127.0.0.1"))
@@ -247,17 +248,13 @@ class RoleRuntime:
                 if "hosts" in self.plan:  # (an agent never rings another host's roles)
                     self.link(host).ring(role_id)
                 return
-        sock = self._pushers.get(role_id)
-        if sock is None:
+        bell = self._pushers.get(role_id)
+        if bell is None:
             endpoint = self.directory.get(role_id)
             if endpoint is None:
                 return
-            sock = self._pushers[role_id] = control.socket(self.zctx, zmq.PUSH, sndhwm=4)
-            sock.connect(endpoint)
-        try:
-            sock.send(b"", zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+            bell = self._pushers[role_id] = doorbell.ringer(self.zctx, endpoint)
+        bell.ring()
 
     # -- waiting ----------------------------------------------------------------------------------------
     def idle(self, waiting: Waiting) -> None:
@@ -298,14 +295,10 @@ class RoleRuntime:
 
     def _block(self, timeout_ms: int) -> None:
         poller = zmq.Poller()
-        poller.register(self.doorbell, zmq.POLLIN)
+        poller.register(self.doorbell.pollable, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
-        if dict(poller.poll(timeout_ms)).get(self.doorbell):
-            try:
-                while True:
-                    self.doorbell.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+        if dict(poller.poll(timeout_ms)).get(self.doorbell.pollable):
+            self.doorbell.drain()
 
     def wait_until(self, condition, what: str, micro_batch_id: int = -1) -> None:
         """Wait on a shared-memory condition with the same policy, stop checks and watchdog as the ops."""
@@ -428,6 +421,11 @@ class RoleRuntime:
             pass
 
     def close(self) -> None:
+        for bell in self._pushers.values():
+            if isinstance(bell, doorbell.FifoRinger):
+                bell.close()
+        if isinstance(getattr(self, "doorbell", None), doorbell.FifoDoorbell):
+            self.doorbell.close()  # removes the FIFO: no socket file outlives the role
         if self.zctx is not None:
             self.zctx.destroy(linger=200)  # long enough to flush the final report, bounded if nobody listens
             self.zctx = None
