@@ -7,7 +7,7 @@ import time
 
 import zmq
 
-from .. import control
+from .. import control, health
 from ..config import Config
 from ..faults import Fault
 from ..runtime.memory import STATUS, RunMemory
@@ -252,6 +252,7 @@ class Controller:
             if now >= next_tick:
                 next_tick = now + TICK_S
                 self.broadcast("tick")
+                health.beat("controller", self.phase)
             if self.phase == "joining":
                 if len(self.registered) == len(self.expected) and self.subscriptions >= len(self.expected):
                     self.started_at = now
@@ -322,13 +323,15 @@ class Controller:
                 return
 
     def finish(self) -> None:
+        """The run's result to the launcher (kept as self.result_payload for a controller that runs alone)."""
         done, total = self.progress()
-        self.reply(b"launcher", "result", {
+        self.result_payload = {
             "outcome": self.outcome, "reason": self.reason, "failure": self.failure, "in_flight": self.in_flight,
             "reports": self.reports, "done": done, "total": total, "malformed": self.malformed,
             "unknown_senders": self.unknown_senders, "detect_ns": getattr(self, "detect_ns", 0),
             "log": self.log_lines[-2000:], "controller_fault_ns": self.fault_ns,
-            "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0})
+            "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0}
+        self.reply(b"launcher", "result", self.result_payload)
 
     def orphaned(self) -> None:
         """The launcher died: remove what it owned (segments, socket files) instead of leaving it to a later run."""

@@ -1,0 +1,137 @@
+"""`afd role`: every role, each host's agent and the controller as separate commands (as containers run them), joined
+over TCP with the run's CURVE keys; a completed run prints the summary and exits 0, `afd stop` stops a long one."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from afd import device
+from afd.cli import main
+
+CONFIG = """\
+name: t-role-two-hosts
+sessions: 1
+ffn_ranks: 2
+micro_batch_num: 2
+steps: 3
+control: {transport: tcp}
+hosts:
+  attn: {roles: [attn0, sched0, combine0]}
+  ffn: {roles: [ffn0, ffn1]}
+"""
+ROLES = [["agent", "--host", "attn"], ["agent", "--host", "ffn"], ["attn", "--rank", "0"], ["sched", "--rank", "0"],
+         ["combine", "--rank", "0"], ["ffn", "--rank", "0"], ["ffn", "--rank", "1"]]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:  # and the one above it (the controller publishes on PORT+1)
+        try:
+            s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            return _port()
+    return port
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ, AFD_RUN_DIR=str(tmp_path / "runs"), AFD_HEALTH_DIR=str(tmp_path / "health"))
+    (tmp_path / "two.yaml").write_text(CONFIG)
+    return e
+
+
+def _start(tmp_path, env, steps=None):
+    port = _port()
+    keys = str(tmp_path / "keys" / "curve.json")
+    ctl = [sys.executable, "-m", "afd", "role", "controller", "--config", str(tmp_path / "two.yaml"),
+           "--controller", f"tcp://0.0.0.0:{port}", "--keys", keys] + (["--steps", str(steps)] if steps else [])
+    procs = {"controller": subprocess.Popen(ctl, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+    for args in ROLES:
+        name = args[0] + args[-1]
+        procs[name] = subprocess.Popen([sys.executable, "-m", "afd", "role", *args, "--controller",
+                                        f"tcp://127.0.0.1:{port}", "--keys", keys], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return procs
+
+
+def _finish(procs, timeout=60):
+    out = {}
+    try:
+        for name, p in procs.items():
+            stdout, stderr = p.communicate(timeout=timeout)
+            out[name] = (p.returncode, stdout + (stderr or ""))
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    return out
+
+
+def _segments_of(text: str) -> list[str]:
+    names = [w for line in text.splitlines() if "memory namespace" in line
+             for w in line.replace(";", " ").split() if len(w) == 8 and all(c in "0123456789abcdef" for c in w)]
+    return [s for ns in names for s in device.list_segments(ns)]
+
+
+@pytest.mark.timeout(120)
+def test_roles_started_one_by_one_complete_and_match(tmp_path, env):
+    out = _finish(_start(tmp_path, env))
+    code, text = out["controller"]
+    assert code == 0, text
+    assert "outputs match reference: yes" in text and "outcome: completed" in text
+    assert "host attn: memory namespace" in text and "from ffn0" in text and "from attn0" in text
+    assert all(c == 0 for c, _ in out.values()), {k: v for k, v in out.items() if v[0]}
+    assert _segments_of(text) == []  # the agents unlinked their hosts' memory
+    health = Path(env["AFD_HEALTH_DIR"])
+    assert {"controller", "agent-attn", "agent-ffn", "sched0", "ffn1"} <= {p.name for p in health.iterdir()}
+    assert (health / "sched0").read_text() == "completed"
+
+
+@pytest.mark.timeout(120)
+def test_afd_stop_ends_a_run_of_separately_started_roles(tmp_path, env):
+    procs = _start(tmp_path, env, steps=100000)
+    try:
+        health = Path(env["AFD_HEALTH_DIR"])
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            probe = subprocess.run([sys.executable, "-m", "afd.health", "combine0", "--phase", "running"], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert probe.returncode == 0, probe.stdout
+        time.sleep(0.5)
+        stop = subprocess.run([sys.executable, "-m", "afd", "stop"], env=env, capture_output=True, text=True,
+                              timeout=30)
+        assert stop.returncode == 0, stop.stderr
+        assert "stop acknowledged" in stop.stdout
+    finally:
+        out = _finish(procs, timeout=30)
+    code, text = out["controller"]
+    assert code == 0 and "outcome: stopped" in text and "outputs match reference: yes" in text, text
+    assert all(c == 0 for c, _ in out.values()), {k: v for k, v in out.items() if v[0]}
+    assert (health / "ffn0").read_text() in ("completed", "stopped")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["role", "attn", "--controller", "tcp://127.0.0.1:5555", "--keys", "k.json"], ["--rank"]),
+    (["role", "sched", "--rank", "0", "--controller", "tcp://127.0.0.1:5555"], ["--keys", "CURVE"]),
+    (["role", "agent", "--controller", "tcp://127.0.0.1:5555"], ["--host"]),
+    (["role", "controller", "--controller", "tcp://0.0.0.0:0", "--keys", "KEYS"], ["fixed port"]),
+])
+def test_role_usage_errors(capsys, tmp_path, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("KEYS", str(tmp_path / "k.json")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
