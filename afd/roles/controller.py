@@ -283,6 +283,7 @@ class Controller:
                 if not self.agents:
                     if not alive or now - self.stop_at > 1.5:
                         self.finish()
+                        self.await_ack()
                         return 0
                 elif self.ended_at is None:
                     if not (alive - set(self.agents)) or now - self.stop_at > 1.5:
@@ -290,7 +291,22 @@ class Controller:
                         self.broadcast("end")
                 elif not alive or now - self.ended_at > 1.5:
                     self.finish()
+                    self.await_ack()
                     return 0
+
+    def await_ack(self, seconds: float = 5.0) -> None:
+        """The result can be megabytes (events): wait until the launcher has it, or is gone, before closing."""
+        if self.launcher_pid is None:
+            return
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and os.getppid() == self.launcher_pid:
+            if self.router.poll(50):
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                if frames[0] == b"launcher" and frames[1:2] == [b"ack"]:
+                    return
 
     def check_own_faults(self, now: float) -> None:
         """Faults that target the controller: a stop at a point of progress (as stop_schedule()), or its own death."""

@@ -9,7 +9,7 @@ from ..model import Model
 from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
 from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
-from ..runtime.memory import A2F_DONE
+from ..runtime.memory import A2F_DONE, COMBINE_DONE, STATUS
 from ..timing import DeviceTime
 from ._schedule import unit
 
@@ -26,8 +26,9 @@ def _step_of(cfg, in_flight: int, layer: int, mb: int) -> int:
 class StampedWindow:
     """An attention window as F2A writes it: stamps flag stores (hop latency) and applies drop-flag / reorder faults."""
 
-    def __init__(self, rt, window, stamp, flags_per_micro_batch: int):
+    def __init__(self, rt, window, stamp, flags_per_micro_batch: int, combined=None):
         self.rt, self.window, self.stamp, self.per_mb = rt, window, stamp, flags_per_micro_batch
+        self.combined = combined  # () -> units the session's combine finished (same host only), for reorder
         self.size = window.size
         self.held = None  # reorder: data held back until after its flags
         self.dropped: list[int] = []
@@ -51,9 +52,24 @@ class StampedWindow:
             self.stamp(np.unique(index // self.per_mb), time.monotonic_ns())
         self.window.put_i32(offset, index, values)
         if self.held is not None and offset == 0:  # reorder: flags went first, the data follows late
-            time.sleep(fault.params["ms"] / 1000.0)
+            self._late_data(fault)
             self.window.put_rows(*self.held)
             self.held = None
+
+    def _late_data(self, fault) -> None:
+        """Hold the data back until the attention side has consumed the flags without it (bounded), so the
+        reorder deterministically shows; on another host, just hold it `ms`."""
+        deadline = time.monotonic() + max(fault.params["ms"] / 1000.0, 0.0)
+        if self.combined is not None:
+            s = self.rt.status
+            c = self.rt.cfg
+            unit = (int(s[STATUS["step"]]) * c.layers + int(s[STATUS["layer"]])) * c.micro_batch_num \
+                + int(s[STATUS["micro_batch"]])
+            deadline = time.monotonic() + max(2.0, fault.params["ms"] / 1000.0)
+            while self.combined() <= unit and time.monotonic() < deadline and not self.rt.stopping:
+                time.sleep(0.0005)
+            return
+        time.sleep(max(0.0, deadline - time.monotonic()))
 
     def get_i32(self, offset, count):
         return self.window.get_i32(offset, count)
@@ -75,7 +91,11 @@ def body(rt) -> None:
     group = mem.group(notify=notify)
     for s in range(A):
         rank = cfg.attention_rank(s)
-        group.windows[rank] = StampedWindow(rt, group.windows[rank], mem.f2a_stamps(s, f), BS * K1)
+        combined = None
+        if s in mem.local_sessions:
+            counters = mem.stream(s).counters
+            combined = (lambda c=counters: int(c[COMBINE_DONE]))
+        group.windows[rank] = StampedWindow(rt, group.windows[rank], mem.f2a_stamps(s, f), BS * K1, combined)
     a2f_done = {s: mem.stream(s).counters for s in mem.local_sessions}  # sessions on another host: see units
     local = cfg.experts_on(f)
     expert_num = max(1, len(local)) * cfg.layers

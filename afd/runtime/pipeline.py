@@ -257,11 +257,23 @@ class Pipeline:
                     self._drain(poller)
                 self._check_processes()
                 if "controller" in self._died and self._controller_result is None:
+                    self._late_result(poller)
                     break
         except KeyboardInterrupt:
             self.stop("interrupted (Ctrl-C)")
             self._await_result(3.0, poller)
         return self._conclude()
+
+    def _late_result(self, poller) -> None:
+        """A controller that exited 0 sent its result just before: give the message a moment to arrive."""
+        if self._died.get("controller") == 0:
+            end = time.monotonic() + 1.0
+            while self._controller_result is None and time.monotonic() < end:
+                if dict(poller.poll(20)):
+                    self._drain(poller)
+        if self._controller_result is None and getattr(self, "_died_first", None) is None:
+            self._died_first = ("controller", self._died["controller"], time.monotonic_ns(),
+                                self._in_flight("controller"))
 
     def _await_result(self, seconds: float, poller) -> None:
         end = time.monotonic() + seconds
@@ -288,6 +300,7 @@ class Pipeline:
                     self.on_progress(*self.progress)
             elif kind == "result":
                 self._controller_result = payload
+                self.dealer.send_multipart(control.encode("ack", {}))  # the controller may close now
 
     def _check_processes(self) -> None:
         """Process sentinels: a role that exits before the run ends is a failure detected at once."""
@@ -297,7 +310,7 @@ class Pipeline:
             proc = self.processes[role]
             proc.join(0.1)
             self._died[role] = proc.exitcode
-            if self._controller_result is None and (proc.exitcode != 0 or role == "controller"):
+            if self._controller_result is None and proc.exitcode != 0:
                 if self.mem is not None:
                     self.mem.stop_all()
                 if role != "controller":

@@ -7,6 +7,7 @@ from collections import deque
 import time
 import traceback
 
+import numpy as np
 import zmq
 
 from .. import control, health
@@ -361,13 +362,32 @@ class RoleRuntime:
         if self.faults and any(f.t is not None for f in self.faults):
             s = self.status
             self.check_faults(int(s[STATUS["step"]]), int(s[STATUS["layer"]]), int(s[STATUS["micro_batch"]]))
-        if time.monotonic() - self._last_controller > max(1.0, 5 * self.cfg.heartbeat_interval_s):
+        # With a launcher, its sentinel catches a dead controller at once; the silence bound only has to
+        # survive a loaded machine. Alone (containers), silence is how a dead controller shows.
+        silence = 3.0 if self.launcher_pid is not None else max(1.0, 5 * self.cfg.heartbeat_interval_s)
+        if time.monotonic() - self._last_controller > silence:
             raise ControllerLost(f"{self.role}: controller silent for "
                                  f"{time.monotonic() - self._last_controller:.1f}s")
 
     def _check_launcher(self) -> None:
         if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
             raise ControllerLost(f"{self.role}: launcher (pid {self.launcher_pid}) is gone")
+        if self.phase == "joining" and self._early_flags():
+            raise Stopped(reason="run_flag=0 before this role joined")
+
+    def _early_flags(self) -> bool:
+        """While joining: has the launcher already written run_flag=0 (a stop before the start)?"""
+        if self.launcher_pid is None or not self.plan or "attention" not in self.plan:
+            return False
+        if getattr(self, "_join_flags", None) is None:
+            from ..device import Device
+            self._join_device = Device(self.plan["namespace"])
+            addrs = [a["context"] for a in self.plan["attention"] + self.plan["ffn"]]
+            try:
+                self._join_flags = [self._join_device.view(a + 128, 4, np.int32, field="run_flag") for a in addrs]
+            except AfdError:
+                self._join_flags = []
+        return any(int(f[0]) == 0 for f in self._join_flags)
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _set_op(self, op: int) -> None:
@@ -427,10 +447,13 @@ class RoleRuntime:
         if isinstance(getattr(self, "doorbell", None), doorbell.FifoDoorbell):
             self.doorbell.close()  # removes the FIFO: no socket file outlives the role
         if self.zctx is not None:
-            self.zctx.destroy(linger=200)  # long enough to flush the final report, bounded if nobody listens
+            self.zctx.destroy(linger=1000)  # long enough to flush the final report, bounded if nobody listens
             self.zctx = None
         if self.mem is not None:
             self.mem.device.close()
+        if getattr(self, "_join_device", None) is not None:
+            self._join_flags = None
+            self._join_device.close()
 
 
 class _OpSpan:
@@ -513,6 +536,8 @@ def run_role(rt: RoleRuntime, body, prepare=None) -> int:
             sweep(rt.mem.device.namespace)  # the owner is gone: do not leave its segments to a later run
         code = 3
     except BaseException as exc:  # report what broke, then exit non-zero
+        if os.environ.get("AFD_DEBUG"):
+            traceback.print_exc()
         rt.finish("failed", exc)
         code = 1
     finally:
