@@ -18,11 +18,6 @@ from afd.errors import DeviceAddressError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 def _run_child(code: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,4 @@
 """Every fault kind ends as documented on a minimal and a multi-session config, and leaves nothing behind."""
-import json
 import os
 import signal
 import subprocess

@@ -10,7 +10,7 @@ import sys
 
 from .. import config as config_mod
 from ..errors import ConfigError
-from ..layout import CONTEXT_SIZE, align512
+from ..layout import CONTEXT_SIZE
 from ..ops import _limits
 from ..runtime.memory import STATUS_FIELDS, SessionStreamLayout
 

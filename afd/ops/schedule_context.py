@@ -1,7 +1,6 @@
 """ScheduleContextHolder: torch_npu's owner of the 1024-byte context, its window layout, and stop_schedule()."""
 from __future__ import annotations
 
-import numpy as np
 
 from .. import device as _device
 from ..errors import AfdError

@@ -20,7 +20,7 @@ def body(rt) -> None:
     counters = stream.counters
     group = mem.group(notify=lambda rank: rt.ring(f"ffn{rank}"))
     table = mem.expert_rank_table()
-    M, BS, K1, H = cfg.micro_batch_num, cfg.micro_batch_size, cfg.selected, cfg.hidden_size
+    M, BS, K1 = cfg.micro_batch_num, cfg.micro_batch_size, cfg.selected
     ffn_shapes = dict(ffn_token_info_table_shape=[cfg.sessions, M, 2 + BS * K1],
                       ffn_token_data_shape=[cfg.sessions, M, BS, K1, cfg.token_bytes // cfg.itemsize],
                       attn_token_info_table_shape=[M, BS, K1])

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from afd.comm import Group, LocalWindow
-from afd.device import Device
 from afd.errors import AclnnError, KernelError
 from afd.layout import EXPERT_ID_INIT
 from afd.ops import attention_to_ffn
@@ -24,11 +23,6 @@ TABLE = np.array([[[1, 0, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 0, 0], [2, 0, 2, 
 EXPERTS = np.array([[[0, 2], [3, 1], [1, 0]]], np.int32)
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from afd.device import Device
 from afd.errors import AclnnError, KernelError
 from afd.layout import ScheduleContext, align512
 from afd.ops import Stopped, attention_worker_combine
@@ -15,11 +14,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {0: np.dtype(np.float16), 1: BF16}
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 def make_ctx(dev, m, bs, k1, h, itemsize=2, micro_batch_id=0):

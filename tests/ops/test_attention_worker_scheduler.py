@@ -4,7 +4,6 @@ import threading
 import numpy as np
 import pytest
 
-from afd.device import Device
 from afd.errors import KERNEL_STATUS_OK, KernelError
 from afd.layout import ScheduleContext, align512
 from afd.ops import attention_worker_scheduler_
@@ -12,11 +11,6 @@ from afd.ops import attention_worker_scheduler_
 M, BS, K1 = 2, 48, 9
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 def make_ctx(dev, m=M, bs=BS, k1=K1, micro_batch_id=1):

@@ -5,7 +5,6 @@ import pytest
 
 from afd import comm
 from afd.comm import Group, LocalWindow
-from afd.device import Device
 from afd.errors import AclnnError, KernelError
 from afd.ops import ffn_to_attention, strict_mode
 from afd.ops._limits import hccl_window_mb_needed
@@ -13,11 +12,6 @@ from afd.ops._limits import hccl_window_mb_needed
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 class Recording:

@@ -3,7 +3,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from afd.device import Device
 from afd.errors import AclnnError, KernelError
 from afd.layout import EXPERT_ID_INIT, EXPERT_ID_SENTINEL, FfnWindowLayout
 from afd.ops import Stopped, create_schedule_context_holder, ffn_worker_batching, ffn_worker_scheduler_
@@ -14,11 +13,6 @@ HS = 512  # attn_to_ffn_token_size: bytes per FFN data slot
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 @pytest.fixture

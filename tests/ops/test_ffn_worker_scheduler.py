@@ -4,7 +4,6 @@ import threading
 import numpy as np
 import pytest
 
-from afd.device import Device
 from afd.errors import KERNEL_STATUS_OK, AclnnError, KernelError
 from afd.layout import EXPERT_ID_SENTINEL, FfnWindowLayout
 from afd.ops import create_schedule_context_holder, ffn_worker_scheduler_
@@ -13,11 +12,6 @@ A, M, BS, K1 = 4, 2, 2, 3
 N = BS * K1
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """ScheduleContextHolder: parameter rules, attention and FFN window layouts, stop_schedule, close."""
-import numpy as np
 import pytest
 
-from afd.device import Device
 from afd.errors import AfdError
 from afd.layout import CONTEXT_SIZE, EXPERT_ID_INIT, ScheduleContext
 from afd.ops import (ScheduleContextError, attention_worker_scheduler_, create_schedule_context_holder)
@@ -10,11 +8,6 @@ from afd.ops import (ScheduleContextError, attention_worker_scheduler_, create_s
 A, M, BS, K1, E = 3, 3, 4, 3, 16
 
 
-@pytest.fixture
-def dev():
-    d = Device()
-    yield d
-    d.close()
 
 
 def attention_holder(dev, window_size=None, **kw):
