@@ -257,6 +257,8 @@ class Controller:
                 if len(self.registered) == len(self.expected) and self.subscriptions >= len(self.expected):
                     self.started_at = now
                     self.phase = "running"
+                    # roles send no heartbeat while they wait for the start: liveness counts from here
+                    self.last_seen.update({r: now for r in self.registered})
                     self.note(f"all {len(self.expected)} roles registered and subscribed: start")
                     self.broadcast("start", {"doorbells": {r: p["doorbell"] for r, p in self.registered.items()},
                                              "faults": self.pending_faults})
@@ -299,7 +301,11 @@ class Controller:
         if self.launcher_pid is None:
             return
         end = time.monotonic() + seconds
+        resend = time.monotonic() + 0.5
         while time.monotonic() < end and os.getppid() == self.launcher_pid:
+            if time.monotonic() > resend:  # a result lost on the way is sent again (the launcher keeps the first)
+                resend = time.monotonic() + 0.5
+                self.reply(b"launcher", "result", self.result_payload)
             if self.router.poll(50):
                 try:
                     frames = self.router.recv_multipart(zmq.NOBLOCK)
