@@ -135,8 +135,8 @@ def measure_overhead(quick: bool = True, config=None, repeats: int | None = None
     """
     from .runtime.pipeline import run
 
-    steps = 100 if quick else 400
-    repeats = repeats or (3 if quick else 5)
+    steps = 60 if quick else 400
+    repeats = repeats or (2 if quick else 5)  # quick: 4 pipeline runs, so `afd bench --quick` stays near 30 s
     rates: dict[bool, list[float]] = {True: [], False: []}
     for i in range(repeats):
         for trace in ((True, False) if i % 2 == 0 else (False, True)):
