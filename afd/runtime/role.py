@@ -377,8 +377,8 @@ class RoleRuntime:
 
     def _early_flags(self) -> bool:
         """While joining: has the launcher already written run_flag=0 (a stop before the start)?"""
-        if self.launcher_pid is None or not self.plan or "attention" not in self.plan:
-            return False
+        if self.launcher_pid is None or not self.plan or "attention" not in self.plan or "namespace" not in self.plan:
+            return False  # (across hosts the launcher writes no run_flag: the controller's stop reaches the roles)
         if getattr(self, "_join_flags", None) is None:
             from ..device import Device
             self._join_device = Device(self.plan["namespace"])
