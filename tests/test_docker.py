@@ -62,7 +62,7 @@ def test_compose_places_every_role_of_the_demo_config():
             assert svc["depends_on"][f"agent-{host}"]["condition"] == "service_healthy"
     for name, svc in services.items():
         assert svc["init"] is True and svc["healthcheck"]["interval"] == "1s"
-        assert svc["healthcheck"]["test"][-1] == name  # reads that role's heartbeat file
+        assert f"/tmp/afd-health/{name};" in svc["healthcheck"]["test"][-1]  # reads that role's heartbeat file
         assert svc["image"] == "afd-sim:demo"
         command = svc["command"]
         assert command[:2] == ["afd", "role"] and "--keys" in command
