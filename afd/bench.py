@@ -30,6 +30,12 @@ TARGET_HOP_P50_US = 50.0
 TARGET_HOP_P50_SPIN_US = 5.0
 
 
+# Two hosts on this machine: the attention session on one, the FFN rank on the other, each with its own shared-memory
+# namespace; every A2F and F2A write crosses the remote window transport (ZeroMQ TCP + CURVE, applied by the agent).
+TWO_HOSTS = {"control": {"transport": "tcp"},
+             "hosts": {"attn": {"roles": ["attn0", "sched0", "combine0"]}, "ffn": {"roles": ["ffn0"]}}}
+
+
 def bench_config(steps: int, **values) -> dict:
     """The benchmark's pipeline config (a plain dict for afd.runtime.pipeline.run)."""
     return {"name": "bench", **SHAPE, "steps": steps, **values}
@@ -42,17 +48,21 @@ def _percentiles_us(samples_ns) -> dict:
 
 
 # -- the real pipeline ----------------------------------------------------------------------------------------------
-def measure_pipeline(steps: int, wait: str = "default", check_reference: bool = True, attempts: int = 2) -> dict:
-    """One pipeline run; a run that does not complete (e.g. another process swept its segments) is retried once."""
+def measure_pipeline(steps: int, wait: str = "default", check_reference: bool = True, attempts: int = 2,
+                     two_hosts: bool = False) -> dict:
+    """One pipeline run (on one host, or across two hosts through the remote window transport); a run that does not
+    complete (e.g. another process swept its segments) is retried once."""
     from .runtime.pipeline import run
 
+    extra = TWO_HOSTS if two_hosts else {}
     for attempt in range(attempts):
         t0 = time.monotonic()
-        result = run(bench_config(steps, wait=wait, check_reference=check_reference))
+        result = run(bench_config(steps, wait=wait, check_reference=check_reference, **extra))
         if result.outcome == "completed":
             break
     hop = result.hops_us.get("flag_hop_ns") or {}
-    return {"wait": wait, "outcome": result.outcome, "reason": result.reason, "attempts": attempt + 1,
+    return {"wait": wait, "hosts": 2 if two_hosts else 1, "outcome": result.outcome, "reason": result.reason,
+            "attempts": attempt + 1,
             "compared": result.compared,
             "micro_batch_layers": result.micro_batch_layers, "run_s": result.run_s,
             "wall_s": time.monotonic() - t0, "micro_batch_layers_per_s": result.micro_batch_layers_per_s,
@@ -364,6 +374,8 @@ def measure(quick: bool = False, progress=None) -> dict:
     pipe = measure_pipeline(steps, "default", check_reference=True)
     step("pipeline (spin wait)")
     pipe_spin = measure_pipeline(max(2, steps // 4), "spin", check_reference=False)
+    step("pipeline across two hosts (remote window transport)")
+    pipe_two = measure_pipeline(steps, "default", check_reference=True, two_hosts=True)
     step("multiprocess.Queue baseline")
     queue = measure_queue(steps, check_reference=True)
     step("tracing on vs off")
@@ -392,8 +404,12 @@ def measure(quick: bool = False, progress=None) -> dict:
         "pipeline_hop_latency_us_p50_spin": pipe_spin["hop_us_p50"],
         "pipeline_hop_latency_us_p99_spin": pipe_spin["hop_us_p99"],
         "pipeline_spin_micro_batch_layers_per_s": pipe_spin["micro_batch_layers_per_s"],
-        "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "queue": queue, "copy": copy, "hop": hop,
-                    "hop_spin": hop_spin},
+        "two_host_micro_batch_layers_per_s": pipe_two["micro_batch_layers_per_s"],
+        "two_host_vs_one_host": pipe_two["micro_batch_layers_per_s"] / rate if rate else 0.0,
+        "two_host_hop_latency_us_p50": pipe_two["hop_us_p50"], "two_host_hop_latency_us_p99": pipe_two["hop_us_p99"],
+        "two_host_outputs_match_reference": pipe_two["outputs_match_reference"],
+        "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "pipeline_two_hosts": pipe_two, "queue": queue,
+                    "copy": copy, "hop": hop, "hop_spin": hop_spin},
         "ops": ops,
         "tracing": tracing,
         "tracing_overhead": tracing["overhead"],

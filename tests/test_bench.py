@@ -7,7 +7,8 @@ import pytest
 
 NUMBERS = ("micro_batch_layers_per_s", "ratio_vs_queue", "fraction_of_copy_bound", "hop_latency_us_p50",
            "hop_latency_us_p99", "hop_latency_us_p50_spin", "hop_latency_us_p99_spin",
-           "queue_micro_batch_layers_per_s", "copy_bound_micro_batch_layers_per_s")
+           "queue_micro_batch_layers_per_s", "copy_bound_micro_batch_layers_per_s",
+           "two_host_micro_batch_layers_per_s", "two_host_vs_one_host", "two_host_hop_latency_us_p50")
 
 
 @pytest.mark.timeout(120)
@@ -22,6 +23,7 @@ def test_bench_quick_json_has_every_figure():
     assert result["hop_latency_us_p99"] >= result["hop_latency_us_p50"]
     assert result["outputs_match_reference"] is True  # the pipeline computed the right numbers
     assert result["queue_outputs_match_reference"] is True  # and the baseline did the same work
+    assert result["two_host_outputs_match_reference"] is True  # across hosts through the window transport too
     for name in ("ratio_vs_queue", "fraction_of_copy_bound", "hop_latency_us_p50", "hop_latency_us_p50_spin"):
         assert isinstance(result["targets"][name]["pass"], bool)
     ops = result["ops"]

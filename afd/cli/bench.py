@@ -39,8 +39,8 @@ def tables(r: dict) -> list[Table]:
         thr.add_column(col, justify="right" if col not in ("path", "matches reference") else "left")
     rate = r["micro_batch_layers_per_s"]
     match = {None: "not checked", True: "yes", False: "NO"}
-    for key in ("pipeline", "pipeline_spin"):
-        if d[key]["outcome"] != "completed":
+    for key in ("pipeline", "pipeline_spin", "pipeline_two_hosts"):
+        if d.get(key, {"outcome": "completed"})["outcome"] != "completed":
             thr.caption += f"\n[red]{key} run {d[key]['outcome']}: {d[key]['reason']}[/red]"
     thr.add_row("pipeline, default wait", _f(rate), "1.00x",
                 f"{d['pipeline']['micro_batch_layers']} in {d['pipeline']['run_s']:.2f} s",
@@ -49,6 +49,11 @@ def tables(r: dict) -> list[Table]:
     thr.add_row("pipeline, spin wait", _f(ps["micro_batch_layers_per_s"]),
                 f"{ps['micro_batch_layers_per_s'] / rate:.2f}x" if rate else "-",
                 f"{ps['micro_batch_layers']} in {ps['run_s']:.2f} s", match[ps["outputs_match_reference"]])
+    p2 = d.get("pipeline_two_hosts")
+    if p2:
+        thr.add_row("pipeline, two hosts (TCP windows)", _f(p2["micro_batch_layers_per_s"]),
+                    f"{p2['micro_batch_layers_per_s'] / rate:.2f}x" if rate else "-",
+                    f"{p2['micro_batch_layers']} in {p2['run_s']:.2f} s", match[p2["outputs_match_reference"]])
     q = d["queue"]
     thr.add_row("multiprocess.Queue", _f(q["micro_batch_layers_per_s"]),
                 f"{q['micro_batch_layers_per_s'] / rate:.2f}x" if rate else "-",
@@ -66,10 +71,11 @@ def tables(r: dict) -> list[Table]:
         h = d[key]
         hop.add_row("dedicated, 2 processes", wait, _f(h["p50"]),
                     _f(h["p99"]), _f(h["max"]), str(h["n"]))
-    for key, wait in (("pipeline", "default"), ("pipeline_spin", "spin")):
-        p = d[key]
-        hop.add_row("in pipeline", wait, _f(p["hop_us_p50"]), _f(p["hop_us_p99"]),
-                    "", str(p["hop_n"]))
+    for key, label, wait in (("pipeline", "in pipeline", "default"), ("pipeline_spin", "in pipeline", "spin"),
+                             ("pipeline_two_hosts", "in pipeline, two hosts (FFN -> agent -> scheduler)", "default")):
+        p = d.get(key)
+        if p:
+            hop.add_row(label, wait, _f(p["hop_us_p50"]), _f(p["hop_us_p99"]), "", str(p["hop_n"]))
 
     tgt = Table(title="targets")
     for col in ("figure", "measured", "target", "verdict"):
