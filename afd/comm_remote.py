@@ -10,6 +10,8 @@ other host travels the same way (`AgentLink.ring`): the agent rings the local ro
 
 Wire format (binary frames, the agent's ROUTER adds the writer's identity in front):
   b"R" <QqqII address offset stride n width> index:int64[n] rows:bytes[n*width]   put_rows
+  b"r" <QqqII ...> index:int64[n] runs:int32[u] rows:bytes[u*width]                 put_rows, equal adjacent rows sent
+                                                                                     once (A2F: a token per k slot)
   b"I" <Qq address offset> index:int64[n] values:int32[n]                            put_i32
   b"L" <Qq address offset> index:int64[n] values:int64[n]                            put_i64 (stamps)
   b"G" <QqqQ address offset count seq>                          -> b"g" <Q seq> int32[count] | b"e" <Q seq> text
@@ -116,8 +118,17 @@ class RemoteWindow:
         rows = np.ascontiguousarray(rows)
         width = rows.shape[1] * rows.dtype.itemsize
         check_rows(self.size, offset, stride, index, width)
-        self.link.put([b"R", _ROWS.pack(self.address, offset, stride, index.size, width), index.tobytes(),
-                       rows.view(np.uint8).reshape(-1)])
+        raw = rows.view(np.uint8).reshape(index.size, width)
+        header = _ROWS.pack(self.address, offset, stride, index.size, width)
+        if index.size > 1:
+            words = raw.view(np.uint64) if width % 8 == 0 else raw
+            keep = np.ones(index.size, bool)
+            keep[1:] = ~(words[1:] == words[:-1]).all(axis=1)
+            if not keep.all():  # A2F repeats a token's row for each of its K+1 slots on one rank: send it once
+                runs = np.diff(np.append(np.flatnonzero(keep), index.size)).astype("<i4")
+                self.link.put([b"r", header, index.tobytes(), runs.tobytes(), raw[keep].reshape(-1)])
+                return
+        self.link.put([b"R", header, index.tobytes(), raw.reshape(-1)])
 
     def put_i32(self, offset: int, index: np.ndarray, values) -> None:
         index = np.asarray(index, dtype=np.int64)
@@ -179,13 +190,20 @@ class WindowServer:
         if st is None:
             st = self.stats[who] = {"puts": 0, "flags": 0, "bytes": 0, "gets": 0, "rings": 0}
         try:
-            if op == b"R":
+            if op in (b"R", b"r"):
                 address, offset, stride, n, width = _ROWS.unpack(frames[2])
                 index = np.frombuffer(frames[3], dtype=np.int64)
-                rows = np.frombuffer(frames[4], dtype=np.uint8).reshape(n, width)
+                if op == b"R":
+                    rows = np.frombuffer(frames[4], dtype=np.uint8).reshape(n, width)
+                else:
+                    runs = np.frombuffer(frames[4], dtype="<i4")
+                    unique = np.frombuffer(frames[5], dtype=np.uint8).reshape(runs.size, width)
+                    if int(runs.sum()) != n or (runs <= 0).any():
+                        raise KernelError("window", f"run lengths {runs.size} do not add up to {n} rows")
+                    rows = np.repeat(unique, runs, axis=0)
                 self._region(address).put_rows(offset, stride, index, rows)
                 st["puts"] += 1
-                st["bytes"] += len(frames[4])
+                st["bytes"] += len(frames[-1])
             elif op in (b"I", b"L"):
                 address, offset = _PUT.unpack(frames[2])
                 index = np.frombuffer(frames[3], dtype=np.int64)

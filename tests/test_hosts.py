@@ -164,6 +164,8 @@ def test_remote_window_applies_in_order_and_reads_back():
         rows = np.arange(4 * 8, dtype=np.int16).reshape(4, 8)
         win.put_rows(512, 64, np.array([3, 0, 1, 2]), rows)
         win.put_i32(0, np.array([5, 6]), 1)
+        dup = np.repeat(np.arange(2 * 8, dtype=np.int16).reshape(2, 8) + 100, [3, 2], axis=0)  # runs of equal rows
+        win.put_rows(2048, 32, np.array([4, 0, 2, 1, 3]), dup)  # travels as 2 rows + run lengths
         win.put_i64(1024, np.array([2]), 123456789012)
         link.ring("sched0")
         with pytest.raises(KernelError, match="runs past"):
@@ -188,6 +190,9 @@ def test_remote_window_applies_in_order_and_reads_back():
         got = local.bytes[512:512 + 4 * 64].reshape(4, 64)[:, :16].copy().view(np.int16)
         np.testing.assert_array_equal(got[[3, 0, 1, 2]], rows)
         assert local.bytes[1024 + 16:1024 + 24].view(np.int64)[0] == 123456789012
+        got = local.bytes[2048:2048 + 5 * 32].reshape(5, 32)[:, :16].copy().view(np.int16)
+        np.testing.assert_array_equal(got[[4, 0, 2, 1, 3]], dup)
+        assert server.stats["writer"]["bytes"] == rows.nbytes + 2 * 16
         assert rung == ["sched0"] and server.stats["writer"]["flags"] == 2 and server.refused == 0
         # a write to memory that is not a window of this host is refused, not applied
         server.handle(router, [b"x", b"I", __import__("struct").pack("<Qq", buf.address + 512, 0),
