@@ -106,7 +106,7 @@ say "compose config --quiet"
 "$COMPOSE" config --quiet
 
 say "build the image offline (network: none) FROM localbase:bookworm"
-BASE_IMAGE=localbase:bookworm "$COMPOSE" build --quiet
+BASE_IMAGE=localbase:bookworm AFD_BUILD_NETWORK=none "$COMPOSE" build --quiet
 docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}'
 
 check_exits() {  # every container of the project exited 0

@@ -69,7 +69,8 @@ def test_compose_places_every_role_of_the_demo_config():
         if name != "controller":
             assert "tcp://controller:5555" in command
             assert services[name]["depends_on"]
-    assert services["controller"]["build"]["network"] == "none"
+    assert services["controller"]["build"]["network"] == "${AFD_BUILD_NETWORK:-default}"  # CI: none (offline)
+    assert "AFD_BUILD_NETWORK=none" in (DOCKER / "ci-demo.sh").read_text()
     assert services["controller"]["pull_policy"] == "build"
     assert all(s["pull_policy"] == "never" for n, s in services.items() if n != "controller")
 
