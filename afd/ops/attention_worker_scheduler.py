@@ -51,11 +51,20 @@ def attention_worker_scheduler_(schedule_context, *, idle: Idle = sched_yield) -
                       flags=flags2d)
     last_ready = 0
     ready = 0
+    # "every flag exactly 1" is a byte compare with the all-ones pattern (2 or -1 never match); the count
+    # itself only feeds the log and the watchdog, so it is taken when logging or every 64th scan.
+    all_ready = np.full(flag_num, VALID_FLAG, "<i4").tobytes()
+    verbose = log.isEnabledFor(logging.DEBUG)
     while i32[_RUN_FLAG] != 0:  # re-read every iteration: another process may stop us
-        ready = int(np.count_nonzero(flags == VALID_FLAG))  # exactly 1; 2 or -1 are not ready
-        if ready == flag_num:
+        if flags.tobytes() == all_ready:
+            ready = flag_num
             log.info("micro_batch_id[%u] all %zu flags ready", target, flag_num)
             break
+        if not verbose and waiting.iterations & 63:
+            waiting.iterations += 1
+            idle(waiting)
+            continue
+        ready = int(np.count_nonzero(flags == VALID_FLAG))  # exactly 1; 2 or -1 are not ready
         if ready != last_ready:
             last_ready = ready
             if log.isEnabledFor(logging.DEBUG):

@@ -277,6 +277,8 @@ class RoleRuntime:
                 raise Stopped(waiting, self.stop_reason or "run_flag=0")
         if waited > self._stall_ns * (2 if waiting.op.endswith(" stream") else 1):  # op watchdogs report first
             self.status[STATUS["stall"]] = 1
+            if waiting.flags is not None:  # the op counts only now and then: take the count the report shows
+                waiting.ready = int(np.count_nonzero(waiting.flags == 1))
             raise Stall(self.role, waiting, waited / 1e9)
         if self.cfg.wait != "spin" and waited >= self._spin_ns:
             self._block(min(self._service_ns, self._stall_ns - waited) // 1_000_000 + 1)
