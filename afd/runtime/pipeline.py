@@ -118,34 +118,40 @@ class Pipeline:
             self.mem.plan["token"] = os.urandom(16).hex()
             self.mem.plan["faults"] = [f.to_dict() for f in self.faults]
             plan = self.mem.plan
-            cfg_json = cfg.model_dump_json()
-            spawn = multiprocess.get_context("spawn")
             me = os.getpid()
-            proc = spawn.Process(target=_controller_entry, args=(cfg_json, plan, endpoint, pub, me),
-                                 name="controller", daemon=False)
-            proc.start()
-            self.processes["controller"] = proc
-            for role in cfg.role_ids():
-                if role == "controller":
-                    continue
-                proc = spawn.Process(target=_role_entry, args=(role, cfg_json, plan, endpoint, me, str(self.run_dir)),
-                                     name=role, daemon=False)
-                proc.start()
-                self.processes[role] = proc
-            self.pids = {r: p.pid for r, p in self.processes.items()}
-            self.zctx = zmq.Context()
-            self.dealer = control.socket(self.zctx, zmq.DEALER, identity=b"launcher")
-            control.curve_client(self.dealer, plan.get("curve"))
-            self.dealer.connect(endpoint)
-            control.write_run_info(self.run_dir, {"pid": me, "endpoint": endpoint, "namespace": namespace,
-                                                  "name": cfg.name, "token": plan["token"],
-                                                  "roles": {r: p.pid for r, p in self.processes.items()}})
-            os.chmod(self.run_dir / "run.json", 0o600)
-            self._started = time.monotonic()
+            self._spawn_all(plan, pub, lambda role, cfg_json: (role, cfg_json, plan, endpoint, me, str(self.run_dir)))
+            self._publish(plan, namespace)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _spawn_all(self, plan: dict, pub: str, role_args, first: list[str] = ()) -> None:
+        """Spawn the controller, then `first` (agents), then every role; role_args(role, cfg_json) -> its args."""
+        cfg_json = self.cfg.model_dump_json()
+        spawn = multiprocess.get_context("spawn")
+        roles = ["controller"] + list(first) + [r for r in self.cfg.role_ids() if r != "controller"]
+        for role in roles:
+            if role == "controller":
+                target, args = _controller_entry, (cfg_json, plan, self.endpoint, pub, os.getpid())
+            else:
+                target, args = _role_entry, role_args(role, cfg_json)
+            proc = spawn.Process(target=target, args=args, name=role, daemon=False)
+            proc.start()
+            self.processes[role] = proc
+        self.pids = {r: p.pid for r, p in self.processes.items()}
+
+    def _publish(self, plan: dict, namespace: str, **extra) -> None:
+        """Join the controller as `launcher` and write run.json (0600) so `afd stop` can find this run."""
+        self.zctx = zmq.Context()
+        self.dealer = control.socket(self.zctx, zmq.DEALER, identity=b"launcher")
+        control.curve_client(self.dealer, plan.get("curve"))
+        self.dealer.connect(self.endpoint)
+        control.write_run_info(self.run_dir, {"pid": os.getpid(), "endpoint": self.endpoint, "namespace": namespace,
+                                              "name": self.cfg.name, "token": plan["token"], **extra,
+                                              "roles": dict(self.pids)})
+        os.chmod(self.run_dir / "run.json", 0o600)
+        self._started = time.monotonic()
 
     def _endpoints(self) -> tuple[str, str]:
         cfg = self.cfg
@@ -168,37 +174,13 @@ class Pipeline:
             keys = control.make_curve_keys(self.run_dir) if cfg.control.transport == "tcp" else None
             plan = {"run": run_id, "roles": cfg.role_ids(), "agents": cfg.agent_ids(), "token": os.urandom(16).hex(),
                     "faults": [f.to_dict() for f in self.faults], "curve": keys}
-            cfg_json = cfg.model_dump_json()
-            spawn = multiprocess.get_context("spawn")
             me = os.getpid()
-            proc = spawn.Process(target=_controller_entry, args=(cfg_json, plan, self.endpoint, pub, me),
-                                 name="controller", daemon=False)
-            proc.start()
-            self.processes["controller"] = proc
-            for agent in cfg.agent_ids():
-                proc = spawn.Process(target=_role_entry, name=agent, daemon=False,
-                                     args=(agent, cfg_json, None, self.endpoint, me, str(self.run_dir), keys,
-                                           self.namespaces[cfg.host_of(agent)]))
-                proc.start()
-                self.processes[agent] = proc
-            for role in cfg.role_ids():
-                if role == "controller":
-                    continue
-                proc = spawn.Process(target=_role_entry, name=role, daemon=False,
-                                     args=(role, cfg_json, None, self.endpoint, me, str(self.run_dir), keys))
-                proc.start()
-                self.processes[role] = proc
-            self.pids = {r: p.pid for r, p in self.processes.items()}
-            self.zctx = zmq.Context()
-            self.dealer = control.socket(self.zctx, zmq.DEALER, identity=b"launcher")
-            control.curve_client(self.dealer, keys)
-            self.dealer.connect(self.endpoint)
-            control.write_run_info(self.run_dir, {"pid": me, "endpoint": self.endpoint, "namespace": run_id,
-                                                  "name": cfg.name, "token": plan["token"],
-                                                  "hosts": self.namespaces,
-                                                  "roles": {r: p.pid for r, p in self.processes.items()}})
-            os.chmod(self.run_dir / "run.json", 0o600)
-            self._started = time.monotonic()
+
+            def role_args(role: str, cfg_json: str) -> tuple:
+                args = (role, cfg_json, None, self.endpoint, me, str(self.run_dir), keys)
+                return args + (self.namespaces[cfg.host_of(role)],) if role in cfg.agent_ids() else args
+            self._spawn_all(plan, pub, role_args, first=cfg.agent_ids())
+            self._publish(plan, run_id, hosts=self.namespaces)
         except BaseException:
             self.close()
             raise
