@@ -144,6 +144,7 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
             # the launcher exits promptly; a completed run is checked in full (every step the ring holds).
             held = _within_budget(cfg, held, REFERENCE_BUDGET_S)
             written &= np.isin(tags - 1, held)
+        compared = int(written.sum())  # what is really checked, after the time budget
         ref = reference_digests(cfg, held)
         row_of = {int(t): i for i, t in enumerate(held)}
         got = (digests & np.uint64(0xFFFFFFFF)).astype(np.uint32)

@@ -56,7 +56,7 @@ class RoleRuntime:
         self.zctx: zmq.Context | None = None
         # Bounded, so a long run keeps flat memory: the newest events and samples are kept.
         self.events: deque = deque(maxlen=EVENT_CAP)
-        self.metrics: dict[str, deque] = {}  # per-role latency samples, sent with the final report
+        self.metrics: dict[str, Samples] = {}  # per-role latency samples, sent with the final report
         self.stopping = False
         self.stop_reason = ""
         self.malformed = 0
@@ -410,9 +410,12 @@ class RoleRuntime:
             self.events.append((name, t_ns, t_ns, int(s[STATUS["step"]]), int(s[STATUS["layer"]]),
                                 int(s[STATUS["micro_batch"]]), args))
 
-    def samples(self, name: str) -> deque:
-        """A bounded list of latency samples reported under `name`."""
-        return self.metrics.setdefault(name, deque(maxlen=SAMPLE_CAP))
+    def samples(self, name: str) -> "Samples":
+        """A bounded ring of latency samples reported under `name`."""
+        ring = self.metrics.get(name)
+        if ring is None:
+            ring = self.metrics[name] = Samples(SAMPLE_CAP)
+        return ring
 
     def progressed(self) -> None:
         self.status[STATUS["progress"]] += 1
@@ -426,7 +429,7 @@ class RoleRuntime:
         health.beat(self.role, outcome)
         payload = {"role": self.role, "outcome": outcome, "malformed": self.malformed,
                    "events": list(self.events) if self.cfg and self.cfg.trace else [], "extra": extra or {},
-                   "metrics": {k: list(v) for k, v in self.metrics.items()}, "pid": os.getpid(),
+                   "metrics": {k: v.tolist() for k, v in self.metrics.items()}, "pid": os.getpid(),
                    "clock_offset_ns": 0}  # add to local CLOCK_MONOTONIC to get the controller's clock (same host: 0)
         if self.report_extra:
             payload["extra"] = {**self.report_extra, **payload["extra"]}
@@ -456,6 +459,28 @@ class RoleRuntime:
         if getattr(self, "_join_device", None) is not None:
             self._join_flags = None
             self._join_device.close()
+
+
+class Samples:
+    """A ring of int64 samples, allocated and touched once: a role's memory stays flat however long it runs."""
+
+    def __init__(self, capacity: int):
+        self.buf = np.full(capacity, 0, np.int64)
+        self.n = 0
+
+    def append(self, value: int) -> None:
+        self.buf[self.n % len(self.buf)] = value
+        self.n += 1
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.buf))
+
+    def tolist(self) -> list[int]:
+        """The kept samples, oldest first."""
+        if self.n <= len(self.buf):
+            return self.buf[:self.n].tolist()
+        i = self.n % len(self.buf)
+        return np.concatenate([self.buf[i:], self.buf[:i]]).tolist()
 
 
 class _OpSpan:
