@@ -2,19 +2,17 @@
 equal the reference; kill and stop across hosts end as documented; nothing of either host is left behind."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from afd import config as config_mod
-from afd import control, device
+from afd import device
 from afd.comm import LocalWindow
 from afd.comm_remote import AgentLink, LocalRegion, RemoteWindow, WindowServer
 from afd.errors import ConfigError, KernelError
 from afd.faults import DOCUMENTED
-from afd.runtime import pipeline as pipeline_mod
 from afd.runtime.pipeline import Pipeline
 
 # The attention session on one host, both FFN ranks on the other: every A2F and F2A write crosses hosts.
@@ -34,21 +32,9 @@ def own_runs_root(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def recorded_namespaces(monkeypatch):
-    """Every namespace the launcher hands out (the run's and each host's) must be empty afterwards."""
-    ours: list[str] = []
-
-    def recording() -> str:
-        ns = device.new_namespace()
-        ours.append(ns)
-        return ns
-
-    monkeypatch.setattr(pipeline_mod, "new_namespace", recording)
-    yield ours
-    leaked = [name for ns in ours for name in device.list_segments(ns)]
-    for ns in ours:
-        device.sweep(ns)
-    assert not leaked, f"segments left behind: {leaked}"
+def recorded_namespaces(recorded_namespaces):
+    """No segment of this test's runs is left (see tests/conftest.py)."""
+    return recorded_namespaces
 
 
 def _alive(pid: int) -> bool:

@@ -31,25 +31,9 @@ def own_runs_root(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_segments(monkeypatch):
-    """No segment of this test's runs is left: namespaces made in this process, plus those a test registers (runs
-    of a subprocess launcher, which the afd pytest plugin's leak check cannot see). Other pipelines running on
-    the machine meanwhile do not count."""
-    import afd.runtime.pipeline as pipeline_mod
-    ours: list[str] = []
-
-    def recording_new_namespace() -> str:
-        ns = device.new_namespace()
-        ours.append(ns)
-        return ns
-
-    monkeypatch.setattr(pipeline_mod, "new_namespace", recording_new_namespace)
-    yield ours
-    leaked = [name for ns in ours for name in device.list_segments(ns)]
-    for ns in ours:
-        device.sweep(ns)
-    if leaked:
-        pytest.fail(f"test left shared-memory segments behind: {leaked}")
+def no_leftover_segments(recorded_namespaces):
+    """No segment of this test's runs is left (see tests/conftest.py)."""
+    return recorded_namespaces
 
 
 def pid_running(pid: int) -> bool:
