@@ -11,15 +11,13 @@ from ..ops.attention_worker_combine import attention_worker_combine
 from ..runtime.memory import COMBINE_DONE, SCHED_DONE
 from ..runtime.role import Stall
 from .attention_scheduler import diagnose
+from ._session import attach_session
 from ._schedule import total_units, unit
 
 
 def body(rt) -> None:
     cfg, mem = rt.cfg, rt.mem
-    s = int(rt.role[len("combine"):])
-    ctx = mem.attention_context(s)
-    rt.watched_run_flags = [ctx.i32[32:33]]
-    stream = mem.stream(s)
+    s, ctx, stream = attach_session(rt, "combine")
     counters = stream.counters
     digests, outputs = mem.digests(), mem.outputs()
     fused = cfg.fuse_scheduler

@@ -7,6 +7,7 @@ from ..ops.attention_worker_scheduler import attention_worker_scheduler_
 from ..ops._polling import Stopped
 from ..runtime.memory import COMBINE_DONE, SCHED_DONE
 from ..runtime.role import Stall
+from ._session import attach_session
 from ._schedule import total_units, unit
 
 
@@ -32,11 +33,8 @@ def diagnose(rt, stream, session: int, micro_batch: int):
 
 
 def body(rt) -> None:
-    cfg, mem = rt.cfg, rt.mem
-    s = int(rt.role[len("sched"):])
-    ctx = mem.attention_context(s)
-    rt.watched_run_flags = [ctx.i32[32:33]]
-    stream = mem.stream(s)
+    cfg = rt.cfg
+    s, ctx, stream = attach_session(rt, "sched")
     counters = stream.counters
     hop_ns = rt.samples("flag_hop_ns")
     for i in range(total_units(cfg)):

@@ -7,16 +7,14 @@ from ..model import Model
 from ..ops.attention_to_ffn import attention_to_ffn
 from ..runtime.memory import A2F_DONE, COMBINE_DONE
 from ..timing import DeviceTime, a2f_bytes
+from ._session import attach_session
 from ._schedule import total_units, unit
 
 
 def body(rt) -> None:
     cfg, mem = rt.cfg, rt.mem
-    s = int(rt.role[len("attn"):])
+    s, ctx, stream = attach_session(rt, "attn")
     model = Model(cfg)
-    ctx = mem.attention_context(s)
-    rt.watched_run_flags = [ctx.i32[32:33]]
-    stream = mem.stream(s)
     counters = stream.counters
     group = mem.group(notify=lambda rank: rt.ring(f"ffn{rank}"))
     table = mem.expert_rank_table()
