@@ -22,6 +22,12 @@ SUBCOMMANDS = {
 EXIT_USAGE = 2
 
 
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (repeatable): config overrides, the same for every subcommand that takes a config."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set micro_batch_num=3")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2, no usage dump
         print(f"afd: error: {message}", file=sys.stderr)

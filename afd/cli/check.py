@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..layout import CONTEXT_SIZE
 from ..ops import _limits
 from ..runtime.memory import STATUS_FIELDS, SessionStreamLayout
+from . import add_overrides
 
 HCCL_RULE = "(M*BS*(K+1)*HS*2 + M*BS*(K+1)*4)/1MiB + 1 <= HCCL_BUFFSIZE"
 
@@ -20,8 +21,7 @@ HCCL_RULE = "(M*BS*(K+1)*HS*2 + M*BS*(K+1)*4)/1MiB + 1 <= HCCL_BUFFSIZE"
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="validate a config and show the window sizes and memory of every rank")
     p.add_argument("config", nargs="?", help="a YAML config (the built-in default when omitted)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set micro_batch_num=3")
+    add_overrides(p)
     p.add_argument("--strict", action="store_true",
                    help="treat broken A3 hardware limits (HCCL window size, M == 1) as errors "
                         "(also on with strict: true in the config or AFD_STRICT=1)")

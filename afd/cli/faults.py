@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..campaign import campaign, summarize
+from . import add_overrides
 
 
 def add_parser(sub) -> None:
@@ -17,7 +18,7 @@ def add_parser(sub) -> None:
     c.add_argument("config", nargs="?", help="a YAML config (default: the built-in one)")
     c.add_argument("--runs", type=int, default=20)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides(c)
     c.add_argument("--json", action="store_true", help="print the per-kind rows as JSON")
     c.set_defaults(handler=main)
 

@@ -5,13 +5,13 @@ import json
 
 from .. import config as config_mod
 from ..timing import diagnose, predict
+from . import add_overrides
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="analytic step time of a config (device_time model); --measure runs it")
     p.add_argument("config", nargs="?", help="a YAML config with a device_time section (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
+    add_overrides(p)
     p.add_argument("--steps", type=int, help="decode steps per measured run")
     p.add_argument("--measure", action="store_true", help="run micro_batch_num = 1..--max-m and compare")
     p.add_argument("--max-m", type=int, default=4, help="largest micro_batch_num measured (default 4)")

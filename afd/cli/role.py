@@ -21,6 +21,7 @@ from .. import config as config_mod
 from .. import control
 from ..config import AGENT_PREFIX
 from ..errors import ConfigError
+from . import add_overrides
 
 ROLES = ("attn", "sched", "combine", "ffn", "controller", "agent")
 
@@ -34,8 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--host", metavar="NAME", help="the host an agent serves (a key of the config's hosts:)")
     p.add_argument("--config", metavar="CONFIG", help="the run's YAML config (the controller's is the run's; a role "
                                                       "checks that it names the role, then takes the controller's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (controller; repeatable)")
+    add_overrides(p)
     p.add_argument("--steps", type=int, help="decode steps to run (controller)")
     p.add_argument("--controller", required=True, metavar="E",
                    help="the controller's endpoint: where to connect (roles) or bind (controller), e.g. "

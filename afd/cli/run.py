@@ -8,13 +8,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..runtime.pipeline import Pipeline, write_log, write_report
+from . import add_overrides
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run the pipeline (built-in default when no CONFIG is given)")
     p.add_argument("config", nargs="?", help="a YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set micro_batch_num=3")
+    add_overrides(p)
     p.add_argument("--steps", type=int, help="decode steps to run")
     p.add_argument("--fault", dest="faults", action="append", default=[], metavar="KIND[:TARGET][@WHEN]",
                    help="inject a fault (repeatable): stop, kill, hang, drop-flag, delay, corrupt, reorder; "
