@@ -25,6 +25,10 @@ SAMPLE_CAP = 100_000  # latency samples kept per metric and role
 
 # Ops that re-read run_flag themselves: on a stop they return OK instead of being interrupted.
 RUN_FLAG_OPS = frozenset({"attention_worker_scheduler_", "ffn_worker_scheduler_"})
+# Waits that are usually the consequence of a stall elsewhere get twice the watchdog time, so the first report
+# names the cause: a role's wait on its own session stream, and an FFN rank waiting for work (attention drives
+# the pipeline, so the FFN side starves whenever the attention side is stuck on a lost F2A flag).
+DOWNSTREAM_WAITS = frozenset({"ffn_worker_scheduler_"})
 
 
 class Stall(AfdError):
@@ -275,13 +279,14 @@ class RoleRuntime:
                 flag[0] = 0  # this host's truth; the op re-reads it and returns OK like the real kernel
             if waiting.op not in RUN_FLAG_OPS:
                 raise Stopped(waiting, self.stop_reason or "run_flag=0")
-        if waited > self._stall_ns * (2 if waiting.op.endswith(" stream") else 1):  # op watchdogs report first
+        limit = self._stall_ns * (2 if waiting.op.endswith(" stream") or waiting.op in DOWNSTREAM_WAITS else 1)
+        if waited > limit:
             self.status[STATUS["stall"]] = 1
             if waiting.flags is not None:  # the op counts only now and then: take the count the report shows
                 waiting.ready = int(np.count_nonzero(waiting.flags == 1))
             raise Stall(self.role, waiting, waited / 1e9)
         if self.cfg.wait != "spin" and waited >= self._spin_ns:
-            self._block(min(self._service_ns, self._stall_ns - waited) // 1_000_000 + 1)
+            self._block(min(self._service_ns, limit - waited) // 1_000_000 + 1)
             self._wait_last = time.perf_counter_ns()
 
     @property
