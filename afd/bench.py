@@ -273,11 +273,13 @@ def _queue_ffn(cfg_json: str, q_a2f, q_f2a, q_ready) -> None:
 def _queue_combine(cfg_json: str, q_f2a, q_scales, q_y, q_ready, q_done) -> None:
     from .config import Config
     from .model import DTYPES, digest
-    from .ops.attention_worker_combine import combine_tokens
+    from .config import TOKEN_DTYPE_CODE
+    from .ops.attention_worker_combine import combine_tokens, warm_up
     from .roles._schedule import total_units, unit
 
     cfg = Config.model_validate_json(cfg_json)
     dtype = DTYPES[cfg.token_dtype]
+    warm_up(TOKEN_DTYPE_CODE[cfg.token_dtype])  # as the pipeline's combine role does before it registers
     q_ready.put("combine")
     scales, digests = {}, {}
     for _ in range(total_units(cfg)):

@@ -5,14 +5,21 @@ import time
 
 import numpy as np
 
+from ..config import TOKEN_DTYPE_CODE
 from ..errors import KernelError
 from ..model import digest
-from ..ops.attention_worker_combine import attention_worker_combine
+from ..ops.attention_worker_combine import attention_worker_combine, warm_up
 from ..runtime.memory import COMBINE_DONE, SCHED_DONE
 from ..runtime.role import Stall
 from .attention_scheduler import diagnose
 from ._session import attach_session
 from ._schedule import total_units, unit
+
+
+def prepare(rt) -> None:
+    """Before registering: the compiled combine loads (or compiles) outside the run's watchdogs."""
+    for code in [TOKEN_DTYPE_CODE[rt.cfg.token_dtype]] if rt.cfg else TOKEN_DTYPE_CODE.values():  # afd role: not known yet
+        warm_up(code)
 
 
 def body(rt) -> None:
