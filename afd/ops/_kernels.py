@@ -134,3 +134,14 @@ def combine_pairs_bf16(src, scales, acc, out):
 def combine_pairs_f16(src, scales, acc, out):
     """fp16 slots -> fp32 sums (out: BS x H) for numpy's RNE cast to fp16."""
     _combine_pairs(src, scales, True, acc, out, out)
+
+
+@_jit
+def scale_pairs_bf16(src, p, out):
+    """out = bf16(f32(src) * p) for rows of bf16 pairs (n x H/2 words): the `scale` expert in one pass."""
+    for i in range(src.shape[0]):
+        r = src[i]
+        o = out[i]
+        for j in range(src.shape[1]):
+            w = r[j]
+            o[j] = to_bf16(lo(w, False) * p) | (to_bf16(hi(w, False) * p) << _U16)
