@@ -3,7 +3,8 @@
 The combine's numpy form widens, multiplies, reduces and narrows in four passes (~10x a plain read of the
 micro-batch); here each pair of 16-bit values is loaded once as a 32-bit word, widened by a shift or a mask, and
 summed in registers. Results are bit-identical to the numpy form: fp32, k in order, multiply then add (numba
-does not contract into FMA without fastmath), round-to-nearest-even on the way back to bfloat16.
+does not contract into FMA without fastmath), round-to-nearest-even on the way back to bfloat16. The bf16
+`scale` expert (the model's cheap expert) is the same widen-multiply-round in one pass.
 Compiled once per machine and cached on disk next to this module (numba's cache, keyed by the source); importing
 this module costs ~0.5 s (numba), so the ops import it on first use.
 """

@@ -18,7 +18,8 @@ from ._schedule import total_units, unit
 
 def prepare(rt) -> None:
     """Before registering: the compiled combine loads (or compiles) outside the run's watchdogs."""
-    for code in [TOKEN_DTYPE_CODE[rt.cfg.token_dtype]] if rt.cfg else TOKEN_DTYPE_CODE.values():  # afd role: not known yet
+    codes = [TOKEN_DTYPE_CODE[rt.cfg.token_dtype]] if rt.cfg else TOKEN_DTYPE_CODE.values()  # afd role: both
+    for code in codes:
         warm_up(code)
 
 
