@@ -76,32 +76,18 @@ _HOP_M = 2
 _CTL_DONE, _CTL_STAMP, _CTL_READY, _CTL_HOPS = 0, 1, 2, 8
 
 
-def _hop_runtime(wait: str, doorbell_endpoint: str):
-    """A RoleRuntime with the real wait policy (idle/_block) but no controller: service() keeps only its cadence."""
-    import zmq
-
-    from . import control
+def _hop_wait_policy(wait: str, zctx, doorbell_endpoint: str, run_flag: np.ndarray):
+    """The roles' wait policy (spin, then block on the doorbell; same spin and stall settings), no controller."""
     from .config import load
-    from .runtime.memory import STATUS_FIELDS
     from .runtime import doorbell
-    from .runtime.role import RoleRuntime
-
-    class HopRuntime(RoleRuntime):
-        def service(self, now=None):
-            now = now or time.perf_counter_ns()
-            if now < self._next_service:
-                return
-            self._next_service = now + self._service_ns // 5
-            if any(flag[0] == 0 for flag in self.watched_run_flags):
-                self.stopping, self.stop_reason = True, "run_flag=0"
+    from .waiting import WaitPolicy
 
     cfg = load(bench_config(1, wait=wait))
-    rt = HopRuntime("sched0", "ipc://unused", cfg)
-    rt.zctx = zmq.Context()
-    rt.doorbell = doorbell.bind(rt.zctx, doorbell_endpoint)
-    rt.sub = control.socket(rt.zctx, zmq.SUB)  # never connected: no controller in this setup
-    rt.status = np.zeros(len(STATUS_FIELDS), np.int64)
-    return rt
+    bell = doorbell.bind(zctx, doorbell_endpoint)
+    return WaitPolicy("sched0", spin_us=cfg.spin_us, stall_timeout_s=cfg.stall_timeout_s,
+                      service_interval_s=min(cfg.heartbeat_interval_s, 0.05), spin_only=wait == "spin",
+                      block=lambda timeout_ms: doorbell.wait_ring(bell, timeout_ms),
+                      stop_reason=lambda: "run_flag=0" if run_flag[0] == 0 else None)
 
 
 def _hop_scheduler_main(namespace: str, ctx_address: int, ctl_address: int, n: int, wait: str,
@@ -110,23 +96,24 @@ def _hop_scheduler_main(namespace: str, ctx_address: int, ctl_address: int, n: i
     from .device import Device
     from .layout import ScheduleContext
     from .ops.attention_worker_scheduler import attention_worker_scheduler_
+    import zmq
 
     dev = Device(namespace)
     ctx = ScheduleContext.on_device(dev, ctx_address)
     ctl = dev.view(ctl_address, 8 * (_CTL_HOPS + n), np.int64)
-    rt = _hop_runtime(wait, doorbell_endpoint)
-    rt.watched_run_flags = [ctx.i32[32:33]]
+    zctx = zmq.Context()
+    idle = _hop_wait_policy(wait, zctx, doorbell_endpoint, ctx.i32[32:33])
     try:
         ctl[_CTL_READY] = 1
         for i in range(n):
-            attention_worker_scheduler_(ctx, idle=rt.idle)
+            attention_worker_scheduler_(ctx, idle=idle)
             done = time.monotonic_ns()
             if ctx.run_flag == 0:
                 break
             ctl[_CTL_HOPS + i] = done - int(ctl[_CTL_STAMP])
             ctl[_CTL_DONE] = i + 1
     finally:
-        rt.zctx.destroy(linger=0)
+        zctx.destroy(linger=0)
         del ctx, ctl
         dev.close()
 

@@ -1,8 +1,13 @@
-"""Fault plans: `KIND[:TARGET][@WHEN]` specs, when they fire, and the outcome each kind must end in."""
+"""Fault plans: `KIND[:TARGET][@WHEN]` specs, when they fire, what firing does, and the outcome each kind must end in."""
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -159,3 +164,113 @@ def random_fault(rng: random.Random, config) -> Fault:
     if kind == "delay":
         spec += ",ms=2"
     return parse(spec, config.role_ids())
+
+
+class FaultHooks:
+    """The faults of one process not yet fired, and what firing each kind does there.
+
+    Both ways in use it: a role process (points are step/layer/micro-batch) and the torch front-end (points are
+    operator calls). What differs between them comes in as callbacks: `stop()` writes run_flag = 0 where this process
+    can reach it, `corrupt(field)` spoils a context field, `alive()` tells a hung process whether to keep hanging
+    (it returns when the owner of the process is gone), `on_fire(fault)` records the moment.
+    `delay_s` (a straggler's extra time per op) and `window_fault` (drop-flag / reorder, applied by a FaultyWindow)
+    are read by the code that runs the ops.
+    """
+
+    def __init__(self, faults=(), *, stop=None, corrupt=None, alive=None, on_fire=None):
+        self.pending: list[Fault] = list(faults)
+        self.fired: list[Fault] = []
+        self.delay_s = 0.0
+        self.window_fault: Fault | None = None
+        self.window_fault_applied = False
+        self._stop, self._corrupt, self._alive, self._on_fire = stop, corrupt, alive, on_fire
+
+    def add(self, fault: Fault) -> None:
+        self.pending.append(fault)
+
+    def due(self, *point, elapsed_s: float = 0.0, matches=None) -> list[Fault]:
+        """The pending faults due at this point (`matches(fault)` overrides Fault.due for other kinds of points)."""
+        test = matches or (lambda f: f.due(*point, elapsed_s))
+        return [f for f in self.pending if test(f)]
+
+    def check(self, *point, elapsed_s: float = 0.0, matches=None) -> None:
+        """Fire every pending fault due at this point."""
+        if not self.pending:
+            return
+        for fault in self.due(*point, elapsed_s=elapsed_s, matches=matches):
+            self.pending.remove(fault)
+            self.fire(fault)
+
+    def fire(self, fault: Fault) -> None:
+        self.fired.append(fault)
+        if self._on_fire is not None:
+            self._on_fire(fault)
+        kind = fault.kind
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "hang":
+            while self._alive is None or self._alive():  # no progress, no heartbeat; leave once orphaned
+                time.sleep(0.05)
+        elif kind == "stop":
+            self._stop(fault)
+        elif kind == "delay":
+            self.delay_s = fault.params["ms"] / 1000.0
+        elif kind == "corrupt":
+            self._corrupt(fault.params["field"])
+        elif kind in ("drop-flag", "reorder"):
+            self.window_fault = fault
+
+    def window_round_done(self) -> None:
+        """A round of window writes ended: a drop-flag / reorder that hit it is spent."""
+        if self.window_fault_applied:
+            self.window_fault = None
+            self.window_fault_applied = False
+
+
+class FaultyWindow:
+    """A window as a writer sees it, with the writer's drop-flag / reorder fault applied to its puts.
+
+    drop-flag: the first `slots` flag stores of a round (int32 puts at offset 0, the flag region) never happen;
+    their data landed. reorder: the data of a round is held back and written after its flags, late enough
+    (`late_data`) that a reader consumes the flags without it.
+    """
+
+    def __init__(self, window, hooks: FaultHooks):
+        self.window, self.hooks = window, hooks
+        self.size = window.size
+        self.held = None  # reorder: data held back until after its flags
+        self.dropped: list[int] = []
+
+    def put_rows(self, offset, stride, index, rows):
+        fault = self.hooks.window_fault
+        if fault is not None and fault.kind == "reorder" and len(index):
+            self.held = (offset, stride, np.array(index), np.array(rows))
+            self.hooks.window_fault_applied = True
+            return
+        self.window.put_rows(offset, stride, index, rows)
+
+    def put_i32(self, offset, index, values):
+        fault = self.hooks.window_fault
+        index = np.asarray(index)
+        if fault is not None and fault.kind == "drop-flag" and offset == 0 and index.size:
+            n = index.size if fault.params["slots"] == "all" else min(fault.params["slots"], index.size)
+            self.dropped = index[:n].tolist()
+            index = index[n:]  # the data of these slots landed, their flags never will
+            values = values if np.ndim(values) == 0 else np.asarray(values)[n:]
+            self.hooks.window_fault_applied = True
+        self.before_flags(offset, index)
+        self.window.put_i32(offset, index, values)
+        if self.held is not None and offset == 0:  # reorder: flags went first, the data follows late
+            self.late_data(fault)
+            self.window.put_rows(*self.held)
+            self.held = None
+
+    def before_flags(self, offset, index) -> None:
+        """Called just before flag stores reach the window (subclasses stamp them)."""
+
+    def late_data(self, fault: Fault) -> None:
+        """How long reordered data is held back: `ms` (subclasses wait for the reader instead)."""
+        time.sleep(max(0.0, fault.params["ms"] / 1000.0))
+
+    def get_i32(self, offset, count):
+        return self.window.get_i32(offset, count)

@@ -89,7 +89,10 @@ def test_fault_ends_as_documented(cfg, spec, outcome, code, kind):
 @pytest.mark.timeout(60)
 def test_stop_ends_every_process_within_2s_and_scheduler_keeps_flags():
     with Pipeline({"name": "t-stop", "steps": 100000}) as pipeline:
-        time.sleep(1.5)
+        # Mid-run: every role has joined (a role still loading its kernels cannot hear a stop yet).
+        deadline = time.monotonic() + 30
+        while pipeline.step_count < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         t0 = time.monotonic()
         pipeline.stop("test")
         result = pipeline.wait(timeout=10)

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from ..faults import FaultyWindow
 from ..model import Model
 from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
@@ -23,56 +24,30 @@ def _step_of(cfg, in_flight: int, layer: int, mb: int) -> int:
     return 0
 
 
-class StampedWindow:
-    """An attention window as F2A writes it: stamps flag stores (hop latency) and applies drop-flag / reorder faults."""
+class StampedWindow(FaultyWindow):
+    """An attention window as F2A writes it: stamps flag stores (hop latency); drop-flag / reorder faults apply."""
 
     def __init__(self, rt, window, stamp, flags_per_micro_batch: int, combined=None):
-        self.rt, self.window, self.stamp, self.per_mb = rt, window, stamp, flags_per_micro_batch
+        super().__init__(window, rt.hooks)
+        self.rt, self.stamp, self.per_mb = rt, stamp, flags_per_micro_batch
         self.combined = combined  # () -> units the session's combine finished (same host only), for reorder
-        self.size = window.size
-        self.held = None  # reorder: data held back until after its flags
-        self.dropped: list[int] = []
 
-    def put_rows(self, offset, stride, index, rows):
-        if self.rt.window_fault is not None and self.rt.window_fault.kind == "reorder" and len(index):
-            self.held = (offset, stride, np.array(index), np.array(rows))
-            self.rt.window_fault_applied = True
-            return
-        self.window.put_rows(offset, stride, index, rows)
-
-    def put_i32(self, offset, index, values):
-        fault = self.rt.window_fault
-        index = np.asarray(index)
-        if fault is not None and fault.kind == "drop-flag" and offset == 0 and index.size:
-            n = index.size if fault.params["slots"] == "all" else min(fault.params["slots"], index.size)
-            self.dropped = index[:n].tolist()
-            index = index[n:]  # the data of these slots landed, their flags never will
-            self.rt.window_fault_applied = True
+    def before_flags(self, offset, index) -> None:
         if offset == 0:  # the flags region: stamp before the stores so a reader never sees flags without it
-            self.stamp(np.unique(index // self.per_mb), time.monotonic_ns())
-        self.window.put_i32(offset, index, values)
-        if self.held is not None and offset == 0:  # reorder: flags went first, the data follows late
-            self._late_data(fault)
-            self.window.put_rows(*self.held)
-            self.held = None
+            self.stamp(np.unique(np.asarray(index) // self.per_mb), time.monotonic_ns())
 
-    def _late_data(self, fault) -> None:
+    def late_data(self, fault) -> None:
         """Hold the data back until the attention side has consumed the flags without it (bounded), so the
         reorder deterministically shows; on another host, just hold it `ms`."""
-        deadline = time.monotonic() + max(fault.params["ms"] / 1000.0, 0.0)
-        if self.combined is not None:
-            s = self.rt.status
-            c = self.rt.cfg
-            unit = (int(s[STATUS["step"]]) * c.layers + int(s[STATUS["layer"]])) * c.micro_batch_num \
-                + int(s[STATUS["micro_batch"]])
-            deadline = time.monotonic() + max(2.0, fault.params["ms"] / 1000.0)
-            while self.combined() <= unit and time.monotonic() < deadline and not self.rt.stopping:
-                time.sleep(0.0005)
-            return
-        time.sleep(max(0.0, deadline - time.monotonic()))
-
-    def get_i32(self, offset, count):
-        return self.window.get_i32(offset, count)
+        if self.combined is None:
+            return super().late_data(fault)
+        s = self.rt.status
+        c = self.rt.cfg
+        unit = (int(s[STATUS["step"]]) * c.layers + int(s[STATUS["layer"]])) * c.micro_batch_num \
+            + int(s[STATUS["micro_batch"]])
+        deadline = time.monotonic() + max(2.0, fault.params["ms"] / 1000.0)
+        while self.combined() <= unit and time.monotonic() < deadline and not self.rt.stopping:
+            time.sleep(0.0005)
 
 
 def body(rt) -> None:
@@ -149,8 +124,6 @@ def body(rt) -> None:
                              batch.expert_offsets[:n], np.array([n], np.int64), group, cfg.world_size,
                              [M, BS, K1], [M, BS, K1, H], attn_rank_table=attn_rank_table)
         ffn_hop.append(time.monotonic_ns() - t0)
-        if getattr(rt, "window_fault_applied", False):  # drop-flag / reorder hit one round that sent data
-            rt.window_fault = None
-            rt.window_fault_applied = False
+        rt.hooks.window_round_done()  # a drop-flag / reorder hits one round that sent data
         rt.progressed()
         rt.service()

@@ -58,6 +58,18 @@ class ZmqDoorbell:
         self.sock.close(linger=0)
 
 
+def wait_ring(bell, timeout_ms: int, also=()) -> bool:
+    """Block until the doorbell rings (then drain it) or one of `also` (sockets) is readable, at most timeout_ms."""
+    poller = zmq.Poller()
+    poller.register(bell.pollable, zmq.POLLIN)
+    for sock in also:
+        poller.register(sock, zmq.POLLIN)
+    if dict(poller.poll(timeout_ms)).get(bell.pollable):
+        bell.drain()
+        return True
+    return False
+
+
 def bind(zctx: zmq.Context, endpoint: str):
     """A doorbell at `fifo://PATH` or a ZeroMQ endpoint (tcp://host:0 picks a port)."""
     if endpoint.startswith("fifo://"):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from collections import deque
 import time
 import traceback
@@ -13,32 +12,25 @@ import zmq
 from .. import control, health
 from ..config import AGENT_PREFIX, Config
 from ..errors import AfdError
-from ..faults import Fault
+from ..faults import Fault, FaultHooks
 from ..ops._polling import Stopped, Waiting
 from ..timing import hold_until
 from . import doorbell
+from ..waiting import RUN_FLAG_OPS, Stall, WaitPolicy  # noqa: F401 (re-exported)
 from .memory import OP, STATUS, RunMemory
 
 
 EVENT_CAP = 100_000  # events kept per role (the newest)
 SAMPLE_CAP = 100_000  # latency samples kept per metric and role
 
-# Ops that re-read run_flag themselves: on a stop they return OK instead of being interrupted.
-RUN_FLAG_OPS = frozenset({"attention_worker_scheduler_", "ffn_worker_scheduler_"})
 # Waits that are usually the consequence of a stall elsewhere get twice the watchdog time, so the first report
 # names the cause: a role's wait on its own session stream, and an FFN rank waiting for work (attention drives
 # the pipeline, so the FFN side starves whenever the attention side is stuck on a lost F2A flag).
 DOWNSTREAM_WAITS = frozenset({"ffn_worker_scheduler_"})
 
 
-class Stall(AfdError):
-    """A wait outlived the stall watchdog: what was awaited never arrived."""
-
-    def __init__(self, role: str, waiting: Waiting, seconds: float):
-        self.waiting = waiting
-        super().__init__(f"{role}: {waiting.op}", f"stalled {seconds:.1f}s waiting for {waiting.what} of "
-                                                  f"micro_batch_id {waiting.micro_batch_id} "
-                                                  f"({waiting.ready}/{waiting.needed} ready)")
+def _stall_factor(waiting: Waiting) -> float:
+    return 2.0 if waiting.op.endswith(" stream") or waiting.op in DOWNSTREAM_WAITS else 1.0
 
 
 class ControllerLost(Exception):
@@ -69,13 +61,11 @@ class RoleRuntime:
         self._next_service = 0
         self._next_heartbeat = 0
         self._last_controller = time.monotonic()
-        self._wait_start = self._wait_last = 0
-        self._wait_what = ""
+        self._waits: WaitPolicy | None = None
         self.watched_run_flags: list = []
-        self.faults: list[Fault] = []  # faults that target this role, not yet fired
-        self.fired: list[Fault] = []
-        self.delay_s = 0.0  # a `delay` fault: added to every op
-        self.window_fault: Fault | None = None  # drop-flag / reorder, applied by the FFN's window wrapper
+        # Faults that target this role (delay_s and window_fault are read by the ops' code).
+        self.hooks = FaultHooks(stop=self._fault_stop, corrupt=self._corrupt, alive=self._launcher_alive,
+                                on_fire=self._fault_fired)
         self._started_at = time.monotonic()
         self.mem: RunMemory | None = None
         self.status = None
@@ -185,41 +175,26 @@ class RoleRuntime:
     def on_start(self, payload: dict) -> None:
         """Faults arrive with the start message; keep the ones that target this role."""
         self._started_at = time.monotonic()
-        self.faults = [f for f in map(Fault.from_dict, payload.get("faults", [])) if f.target == self.role]
+        for fault in map(Fault.from_dict, payload.get("faults", [])):
+            if fault.target == self.role:
+                self.hooks.add(fault)
 
     # -- faults -----------------------------------------------------------------------------------------
     def check_faults(self, step: int, layer: int, micro_batch: int) -> None:
         """Fire every fault of this role that is due at this unit (or time)."""
-        if not self.faults:
-            return
-        elapsed = time.monotonic() - self._started_at
-        for fault in [f for f in self.faults if f.due(step, layer, micro_batch, elapsed)]:
-            self.faults.remove(fault)
-            self.fire(fault)
+        self.hooks.check(step, layer, micro_batch, elapsed_s=time.monotonic() - self._started_at)
 
-    def fire(self, fault: Fault) -> None:
-        self.fired.append(fault)
+    def _fault_fired(self, fault: Fault) -> None:
         self.status[STATUS["fault_ns"]] = time.monotonic_ns()
-        kind = fault.kind
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "hang":
-            self._hang()
-        elif kind == "stop":
-            self.mem.stop_all()  # the path stop_schedule() takes: run_flag = 0 in the contexts
-            self.send("stop", {"token": self.plan.get("token"), "reason": f"fault {fault.spec}"})
-        elif kind == "delay":
-            self.delay_s = fault.params["ms"] / 1000.0
-        elif kind == "corrupt":
-            self._corrupt(fault.params["field"])
-        elif kind in ("drop-flag", "reorder"):
-            self.window_fault = fault
 
-    def _hang(self) -> None:
-        """Stop making progress (no heartbeat, no ops) but stay alive; leave only if the launcher is gone."""
-        while True:
-            time.sleep(0.05)
-            self._check_launcher()
+    def _fault_stop(self, fault: Fault) -> None:
+        self.mem.stop_all()  # the path stop_schedule() takes: run_flag = 0 in the contexts
+        self.send("stop", {"token": self.plan.get("token"), "reason": f"fault {fault.spec}"})
+
+    def _launcher_alive(self) -> bool:
+        """A hung role stays hung while its launcher lives; once orphaned it leaves (ControllerLost)."""
+        self._check_launcher()
+        return True
 
     def _corrupt(self, field: str) -> None:
         c = self.cfg
@@ -262,51 +237,39 @@ class RoleRuntime:
         bell.ring()
 
     # -- waiting ----------------------------------------------------------------------------------------
+    @property
+    def waits(self) -> WaitPolicy:
+        """This role's wait policy (made once the config is known): the `idle` the ops call between scans."""
+        if self._waits is None:
+            cfg = self.cfg
+            self._waits = WaitPolicy(self.role, spin_us=cfg.spin_us, stall_timeout_s=cfg.stall_timeout_s,
+                                     service_interval_s=min(cfg.heartbeat_interval_s, 0.05),
+                                     spin_only=cfg.wait == "spin", block=self._block, service=self.service,
+                                     stop_reason=self._stop_reason, stall_factor=_stall_factor,
+                                     on_wait=lambda _: self._set_op(OP["wait"]))
+        return self._waits
+
     def idle(self, waiting: Waiting) -> None:
         """The wait policy the ops call between scans: spin (sched_yield) briefly, then block on the doorbell."""
-        now = self._wait_last = time.perf_counter_ns()  # CLOCK_MONOTONIC on Linux, like the events
-        if waiting.iterations <= 1:
-            self._wait_start = now
-            self._wait_what = waiting.what
-            self._set_op(OP["wait"])
-        waited = now - self._wait_start
-        if now < self._next_service and (self.cfg.wait == "spin" or waited < self._spin_ns):
-            os.sched_yield()
-            return
-        self.service(now)
-        if self.stopping:
-            for flag in self.watched_run_flags:
-                flag[0] = 0  # this host's truth; the op re-reads it and returns OK like the real kernel
-            if waiting.op not in RUN_FLAG_OPS:
-                raise Stopped(waiting, self.stop_reason or "run_flag=0")
-        limit = self._stall_ns * (2 if waiting.op.endswith(" stream") or waiting.op in DOWNSTREAM_WAITS else 1)
-        if waited > limit:
+        try:
+            self.waits(waiting)
+        except Stall:
             self.status[STATUS["stall"]] = 1
-            if waiting.flags is not None:  # the op counts only now and then: take the count the report shows
-                waiting.ready = int(np.count_nonzero(waiting.flags == 1))
-            raise Stall(self.role, waiting, waited / 1e9)
-        if self.cfg.wait != "spin" and waited >= self._spin_ns:
-            self._block(min(self._service_ns, limit - waited) // 1_000_000 + 1)
-            self._wait_last = time.perf_counter_ns()
+            raise
 
-    @property
-    def _spin_ns(self) -> int:
-        return int(self.cfg.spin_us * 1000)
-
-    @property
-    def _stall_ns(self) -> int:
-        return int(self.cfg.stall_timeout_s * 1e9)
+    def _stop_reason(self) -> str | None:
+        if not self.stopping:
+            return None
+        for flag in self.watched_run_flags:
+            flag[0] = 0  # this host's truth; the op re-reads it and returns OK like the real kernel
+        return self.stop_reason or "run_flag=0"
 
     @property
     def _service_ns(self) -> int:
         return int(min(self.cfg.heartbeat_interval_s, 0.05) * 1e9)
 
     def _block(self, timeout_ms: int) -> None:
-        poller = zmq.Poller()
-        poller.register(self.doorbell.pollable, zmq.POLLIN)
-        poller.register(self.sub, zmq.POLLIN)
-        if dict(poller.poll(timeout_ms)).get(self.doorbell.pollable):
-            self.doorbell.drain()
+        doorbell.wait_ring(self.doorbell, timeout_ms, also=(self.sub,))  # a control message wakes it too
 
     def wait_until(self, condition, what: str, micro_batch_id: int = -1) -> None:
         """Wait on a shared-memory condition with the same policy, stop checks and watchdog as the ops."""
@@ -353,7 +316,7 @@ class RoleRuntime:
             elif kind == "fault":
                 fault = Fault.from_dict(payload["fault"])
                 if fault.target == self.role:
-                    self.faults.append(fault)
+                    self.hooks.add(fault)
         if any(flag[0] == 0 for flag in self.watched_run_flags):
             self.stopping = True
             self.stop_reason = self.stop_reason or "run_flag=0"
@@ -366,7 +329,7 @@ class RoleRuntime:
                 "layer": int(s[STATUS["layer"]]), "micro_batch": int(s[STATUS["micro_batch"]])}), zmq.NOBLOCK)
             health.beat(self.role, "stopping" if self.stopping else self.phase)
         self._check_launcher()
-        if self.faults and any(f.t is not None for f in self.faults):
+        if any(f.t is not None for f in self.hooks.pending):
             s = self.status
             self.check_faults(int(s[STATUS["step"]]), int(s[STATUS["layer"]]), int(s[STATUS["micro_batch"]]))
         # With a launcher, its sentinel catches a dead controller at once; the silence bound only has to
@@ -499,8 +462,8 @@ class _OpSpan:
     def __enter__(self):
         self.rt._set_op(OP.get(self.name, 0))
         self.t0 = time.monotonic_ns()
-        if self.rt.delay_s:  # a straggler: the op takes this much longer
-            time.sleep(self.rt.delay_s)
+        if self.rt.hooks.delay_s:  # a straggler: the op takes this much longer
+            time.sleep(self.rt.hooks.delay_s)
         return self
 
     def __exit__(self, *exc):
@@ -509,7 +472,8 @@ class _OpSpan:
             hold_until(self.t0 + self.device_ns)
         t1 = time.monotonic_ns()
         s = rt.status
-        waited = rt._wait_last - rt._wait_start if rt._wait_start >= self.t0 else 0
+        waits = rt.waits
+        waited = waits.waited_ns if waits.wait_start >= self.t0 else 0
         s[STATUS["busy_ns"]] += t1 - self.t0 - waited
         s[STATUS["wait_ns"]] += waited
         rt._set_op(0)
@@ -517,8 +481,8 @@ class _OpSpan:
             step, layer, mb = int(s[STATUS["step"]]), int(s[STATUS["layer"]]), int(s[STATUS["micro_batch"]])
             rt.events.append((self.name, self.t0, t1, step, layer, mb, self.args))
             if waited:
-                rt.events.append(("wait", rt._wait_start, rt._wait_last, step, layer, mb,
-                                  {"for": rt._wait_what, "in": self.name}))
+                rt.events.append(("wait", waits.wait_start, waits.wait_last, step, layer, mb,
+                                  {"for": waits.what, "in": self.name}))
         return False
 
 
