@@ -30,6 +30,14 @@ class LocalWindow:
         self.device, self.address, self.size = device, int(address), int(size)
         self.bytes = device.view(self.address, self.size, field="window")
 
+    @classmethod
+    def over(cls, data: np.ndarray) -> "LocalWindow":
+        """A window over bytes this process has mapped already (a peer's window on the same host)."""
+        win = cls.__new__(cls)
+        win.device, win.address, win.size = None, int(data.ctypes.data), int(data.nbytes)
+        win.bytes = data.reshape(-1).view(np.uint8)
+        return win
+
     def put_rows(self, offset: int, stride: int, index: np.ndarray, rows: np.ndarray) -> None:
         index = np.asarray(index, dtype=np.int64)
         if index.size == 0:

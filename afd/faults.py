@@ -15,6 +15,7 @@ KINDS = ("stop", "kill", "hang", "drop-flag", "delay", "corrupt", "reorder")
 DEFAULT_TARGET = {"stop": "combine0", "kill": "ffn0", "hang": "ffn0", "drop-flag": "ffn0", "delay": "ffn0",
                   "corrupt": "sched0", "reorder": "ffn0"}
 WHEN_KEYS = ("step", "layer", "mb", "t")
+NPU_WHEN_KEYS = ("call", "t")  # the torch front-end: the target rank's N-th operator call (0-based), or a time
 PARAM_KEYS = {"delay": {"ms"}, "drop-flag": {"slots"}, "corrupt": {"field"}, "reorder": {"ms"}}
 CORRUPT_FIELDS = {"attention": ("micro_batch_id", "schedule_mode", "token_info_buf"),
                   "ffn": ("polling_index", "schedule_mode", "token_info_buf")}
@@ -43,10 +44,11 @@ class Fault:
     mb: int | None = None
     t: float | None = None
     params: dict = field(default_factory=dict)
+    call: int | None = None  # torch front-end faults: the operator call they fire at
 
     @property
     def spec(self) -> str:
-        when = [f"{k}={getattr(self, k)}" for k in WHEN_KEYS if getattr(self, k) is not None]
+        when = [f"{k}={getattr(self, k)}" for k in WHEN_KEYS + ("call",) if getattr(self, k) is not None]
         when += [f"{k}={v}" for k, v in self.params.items()]
         return f"{self.kind}:{self.target}" + (f"@{','.join(when)}" if when else "")
 
@@ -77,13 +79,19 @@ class Fault:
         return cls(**d)
 
 
-def parse(spec: str, role_ids: list[str] | None = None) -> Fault:
-    """Parse `KIND[:TARGET][@WHEN]`; WHEN is `step=N,layer=L,mb=M` (combinable) or `t=SECONDS`, plus kind params."""
+def parse(spec: str, role_ids: list[str] | None = None, *, npu: bool = False) -> Fault:
+    """Parse `KIND[:TARGET][@WHEN]`; WHEN is `step=N,layer=L,mb=M` (combinable) or `t=SECONDS`, plus kind params.
+
+    npu=True parses the torch front-end's specs (AFD_NPU_FAULTS): TARGET is `rank<N>` (default rank0), WHEN is
+    `call=N` (that rank's N-th operator call, 0-based; `op=NAME` counts only that operator's calls) or `t=SECONDS`.
+    """
     text = spec.strip()
     head, _, when = text.partition("@")
     kind, _, target = head.partition(":")
     if kind not in KINDS:
         raise ConfigError(f"fault {spec!r}", f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
+    if npu:
+        return _parse_npu(spec, kind, target or "rank0", when)
     target = target or DEFAULT_TARGET[kind]
     if role_ids is not None and target not in role_ids:
         raise ConfigError(f"fault {spec!r}", f"target {target!r} is not a role of this run ({', '.join(role_ids)})")
@@ -118,11 +126,19 @@ def parse(spec: str, role_ids: list[str] | None = None) -> Fault:
         params.setdefault("field", CORRUPT_FIELDS[area][0])
         if params["field"] not in CORRUPT_FIELDS[area]:
             raise ConfigError(f"fault {spec!r}", f"field must be one of {', '.join(CORRUPT_FIELDS[area])} for {target}")
+    _kind_params(spec, kind, params)
+    return Fault(kind, target, values.get("step"), values.get("layer"), values.get("mb"), values.get("t"), params)
+
+
+def _kind_params(spec: str, kind: str, params: dict) -> None:
+    """Defaults and rules of the per-kind parameters (ms, slots), in place."""
     if kind in ("delay", "reorder"):
         try:
             params["ms"] = float(params.get("ms", 5 if kind == "delay" else 50))
         except ValueError:
             raise ConfigError(f"fault {spec!r}", f"ms must be a number, got {params['ms']!r}") from None
+        if not params["ms"] >= 0:
+            raise ConfigError(f"fault {spec!r}", f"ms must be >= 0, got {params['ms']:g}")
     if kind == "drop-flag":
         slots = params.get("slots", "1")
         if slots != "all":
@@ -132,7 +148,39 @@ def parse(spec: str, role_ids: list[str] | None = None) -> Fault:
                 raise ConfigError(f"fault {spec!r}", f"slots must be a whole number or 'all', got {slots!r}") from None
             if params["slots"] <= 0:
                 raise ConfigError(f"fault {spec!r}", "slots must be > 0")
-    return Fault(kind, target, values.get("step"), values.get("layer"), values.get("mb"), values.get("t"), params)
+
+
+def _parse_npu(spec: str, kind: str, target: str, when: str) -> Fault:
+    if not (target.startswith("rank") and target[4:].isdigit()):
+        raise ConfigError(f"fault {spec!r}", f"target must be rank<N> (a torchrun rank), got {target!r}")
+    values: dict = {}
+    params: dict = {}
+    allowed = list(NPU_WHEN_KEYS) + ["op"] + sorted(PARAM_KEYS.get(kind, ()))
+    for part in filter(None, when.split(",")):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"fault {spec!r}", f"WHEN part {part!r} must be key=value")
+        if key in NPU_WHEN_KEYS:
+            try:
+                values[key] = float(value) if key == "t" else int(value)
+            except ValueError:
+                raise ConfigError(f"fault {spec!r}", f"{key} must be a number, got {value!r}") from None
+            if values[key] < 0:
+                raise ConfigError(f"fault {spec!r}", f"{key} must be >= 0")
+        elif key == "op" or key in PARAM_KEYS.get(kind, ()):
+            params[key] = value.strip()
+        else:
+            raise ConfigError(f"fault {spec!r}", f"unknown WHEN key {key!r}; use {', '.join(allowed)}")
+    if "t" in values and "call" in values:
+        raise ConfigError(f"fault {spec!r}", "t=SECONDS cannot be combined with call=N")
+    if kind == "corrupt":
+        fields = CORRUPT_FIELDS["attention"] + CORRUPT_FIELDS["ffn"]
+        params.setdefault("field", "micro_batch_id")
+        if params["field"] not in fields:
+            raise ConfigError(f"fault {spec!r}", f"field must be one of {', '.join(dict.fromkeys(fields))}")
+    _kind_params(spec, kind, params)
+    return Fault(kind, target, t=values.get("t"), params=params, call=values.get("call"))
 
 
 def parse_all(specs: list[str], role_ids: list[str]) -> list[Fault]:

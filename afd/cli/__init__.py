@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "bench": "bench",
     "predict": "predict",
     "faults": "faults",
+    "npu": "npu",
 }
 
 EXIT_USAGE = 2

@@ -61,30 +61,13 @@ def _in_range(name: str, values: np.ndarray, lo: int, hi: int) -> None:
         raise KernelError(name, f"values must be in [{lo}, {hi}), found {int(bad)}")
 
 
-def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, scales=None,
-                     active_mask=None, *, group, world_size: int, ffn_token_info_table_shape, ffn_token_data_shape,
-                     attn_token_info_table_shape, moe_expert_num: int, quant_mode: int = 0, sync_flag: int = 0,
-                     ffn_start_rank_id: int = 0, rank: int, idle: Idle = sched_yield) -> None:
-    """Dispatch x (1, BS, H) of (session_id, micro_batch_id) to the FFN windows; `rank` is the caller's own rank.
-
-    Per token t and slot k (K routed from expert_ids, then the shared experts moe_expert_num + (k - K)):
-    the expert's table row [count, rank_0, local_0, rank_1, local_1, ...] picks replica session_id % count.
-    Per destination FFN rank: wait while its record (session, mb) header flag == 1 (backpressure, idle(waiting)
-    between reads; the idle hook may raise to give up), write the token data rows, then the local expert ids
-    into record slots 2 + t*(K+1) + k. Then the headers {layer_id, then flag = 1}: sync_flag 0 to every FFN
-    rank, 1 only to ranks that got a token; then notify each of them.
-
-    FFN ranks are [ffn_start_rank_id, ffn_start_rank_id + world_size - A) with A = ffn_token_data_shape[0]:
-    the group holds the A attention ranks plus the FFN ranks (the real tiling's derivation is not in the
-    sources; this one covers every FFN rank whether or not the table names it). The table must satisfy
-    1 < Mtab <= 2*ffn_num + 1 and every rank it names must be an FFN rank. With L > 1 tables, layer
-    layer_id's table is used (the real op supports L = 1 only).
-    active_mask (1, BS) bool, trues first: only the first curBs tokens are sent, and the flags of tokens
-    [curBs, BS) of micro_batch_id in the caller's own attention window are pre-set to 1 (before any send).
-    quant_mode 2 sends int8 rows with the fp32 dequant scale at byte align32(H) (smooth scales from `scales`
-    (L, E, H) multiply the row first); HS is then in bytes and must hold align32(H) + 4.
-    Hardware limits (BS <= 512, H in [1024, 8192], K <= 16, moe_expert_num <= 1024) only in strict mode.
-    """
+def check_attention_to_ffn_host(x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, scales,
+                                active_mask, *, group, world_size: int, ffn_token_info_table_shape,
+                                ffn_token_data_shape, attn_token_info_table_shape, moe_expert_num: int,
+                                quant_mode: int = 0, sync_flag: int = 0, ffn_start_rank_id: int = 0,
+                                rank: int) -> dict:
+    """The aclnn and tiling checks of attention_to_ffn (dtypes, shapes, attributes: nothing in device memory).
+    Returns the checked arrays and the dimensions the kernel uses."""
     group = comm.resolve(group)
     x = _arr("x", x, X_DTYPES, 3)
     session_id = _arr("session_id", session_id, np.int32, 1)
@@ -171,10 +154,57 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
         if moe_expert_num > 1024:
             raise KernelError("moe_expert_num", f"{moe_expert_num} must be in (0, 1024] (strict A3 limit)")
 
+    return dict(group=group, x=x, session_id=session_id, micro_batch_id=micro_batch_id, layer_id=layer_id,
+                expert_ids=expert_ids, table=table, scales=scales, active_mask=active_mask, bs=bs, h=h, k=k, a=a,
+                m=m, info_ints=info_ints, k1=k1, hs=hs, attn_m=attn_shape[0], shared=shared,
+                moe_expert_num=moe_expert_num, ffn_start=ffn_start, ffn_num=ffn_num, n_layers=n_layers,
+                mtab=mtab, itemsize=itemsize, world_size=world_size)
+
+
+def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, scales=None,
+                     active_mask=None, *, group, world_size: int, ffn_token_info_table_shape, ffn_token_data_shape,
+                     attn_token_info_table_shape, moe_expert_num: int, quant_mode: int = 0, sync_flag: int = 0,
+                     ffn_start_rank_id: int = 0, rank: int, idle: Idle = sched_yield) -> dict:
+    """Dispatch x (1, BS, H) of (session_id, micro_batch_id) to the FFN windows; `rank` is the caller's own rank.
+    Returns what was sent: session, micro_batch, layer, routes (the FFN rank of each (token, k) slot sent,
+    (curBs, K+1)) and headers (the FFN ranks that got the record header).
+
+    Per token t and slot k (K routed from expert_ids, then the shared experts moe_expert_num + (k - K)):
+    the expert's table row [count, rank_0, local_0, rank_1, local_1, ...] picks replica session_id % count.
+    Per destination FFN rank: wait while its record (session, mb) header flag == 1 (backpressure, idle(waiting)
+    between reads; the idle hook may raise to give up), write the token data rows, then the local expert ids
+    into record slots 2 + t*(K+1) + k. Then the headers {layer_id, then flag = 1}: sync_flag 0 to every FFN
+    rank, 1 only to ranks that got a token; then notify each of them.
+
+    FFN ranks are [ffn_start_rank_id, ffn_start_rank_id + world_size - A) with A = ffn_token_data_shape[0]:
+    the group holds the A attention ranks plus the FFN ranks (the real tiling's derivation is not in the
+    sources; this one covers every FFN rank whether or not the table names it). The table must satisfy
+    1 < Mtab <= 2*ffn_num + 1 and every rank it names must be an FFN rank. With L > 1 tables, layer
+    layer_id's table is used (the real op supports L = 1 only).
+    active_mask (1, BS) bool, trues first: only the first curBs tokens are sent, and the flags of tokens
+    [curBs, BS) of micro_batch_id in the caller's own attention window are pre-set to 1 (before any send).
+    quant_mode 2 sends int8 rows with the fp32 dequant scale at byte align32(H) (smooth scales from `scales`
+    (L, E, H) multiply the row first); HS is then in bytes and must hold align32(H) + 4.
+    Hardware limits (BS <= 512, H in [1024, 8192], K <= 16, moe_expert_num <= 1024) only in strict mode.
+    """
+    c = check_attention_to_ffn_host(
+        x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, scales, active_mask, group=group,
+        world_size=world_size, ffn_token_info_table_shape=ffn_token_info_table_shape,
+        ffn_token_data_shape=ffn_token_data_shape, attn_token_info_table_shape=attn_token_info_table_shape,
+        moe_expert_num=moe_expert_num, quant_mode=quant_mode, sync_flag=sync_flag,
+        ffn_start_rank_id=ffn_start_rank_id, rank=rank)
+    group, x, table, scales, active_mask = c["group"], c["x"], c["table"], c["scales"], c["active_mask"]
+    session_id, micro_batch_id, layer_id, expert_ids = (c["session_id"], c["micro_batch_id"], c["layer_id"],
+                                                        c["expert_ids"])
+    bs, h, k, a, m, info_ints, k1, hs = (c[n] for n in ("bs", "h", "k", "a", "m", "info_ints", "k1", "hs"))
+    shared, moe_expert_num, ffn_start, ffn_num = (c[n] for n in ("shared", "moe_expert_num", "ffn_start", "ffn_num"))
+    n_layers, mtab, itemsize, world_size = (c[n] for n in ("n_layers", "mtab", "itemsize", "world_size"))
+    attn_m = c["attn_m"]
+
     # Kernel-side values (the real kernel trusts them; here a bad one is an error, not a stray write).
     s, mb, lid = int(session_id[0]), int(micro_batch_id[0]), int(layer_id[0])
     _in_range("session_id", session_id, 0, a)
-    _in_range("micro_batch_id", micro_batch_id, 0, min(m, attn_shape[0]))
+    _in_range("micro_batch_id", micro_batch_id, 0, min(m, attn_m))
     _in_range("layer_id", layer_id, 0, 1 << 31)
     if n_layers > 1:
         _in_range("layer_id", layer_id, 0, n_layers)
@@ -236,6 +266,7 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
         group.notify(r)
     log.debug("session %d mb %d layer %d: %d slots to %d FFN ranks, headers to %s", s, mb, lid, slots.size,
               len(got), targets)
+    return {"session": s, "micro_batch": mb, "layer": lid, "routes": dst.reshape(cur_bs, k1), "headers": targets}
 
 
 def _quant_payload(x_rows: np.ndarray, tok: np.ndarray, experts: np.ndarray, scales, layer: int,

@@ -96,7 +96,9 @@ def _combine_compiled(data: np.ndarray, scales: np.ndarray, out_dtype) -> np.nda
     return out.view(TOKEN_DTYPES[1])
 
 
-def _check_inputs(schedule_context, expert_scales, layer_id, hidden_size, token_dtype, need_schedule):
+def check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size, token_dtype,
+                                        need_schedule):
+    """The aclnn and tiling checks (nothing in device memory); returns (contiguous scales, layer id)."""
     for name, value in (("schedule_context", schedule_context), ("expert_scales", expert_scales),
                         ("layer_id", layer_id)):
         if value is None:
@@ -139,7 +141,7 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
     exit, the kernel never looks at run_flag; here a scan that is not ready re-reads run_flag and raises
     Stopped when it is 0, and `idle(waiting)` runs between scans (it may raise too).
     """
-    scales, lid = _check_inputs(schedule_context, expert_scales, layer_id, hidden_size, token_dtype, need_schedule)
+    scales, lid = check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size, token_dtype, need_schedule)
     ctx = as_context(schedule_context)
     bs, k = scales.shape
     k1, h = k + 1, int(hidden_size)

@@ -32,9 +32,10 @@ def _in_range(name: str, values: np.ndarray, lo: int, hi: int) -> None:
         raise KernelError(name, f"values must be in [{lo}, {hi}), found {int(bad)}")
 
 
-def check_ffn_to_attention(x, ids: dict, actual_token_num, group, world_size, token_info_table_shape,
-                           token_data_shape, attn_rank_table):
-    """The aclnn, tiling and (sim-only) kernel-side checks; returns (n, M, BS, K1, HS, dst ranks, slots)."""
+def check_ffn_to_attention_host(x, ids: dict, actual_token_num, group, world_size, token_info_table_shape,
+                                token_data_shape, attn_rank_table) -> tuple[int, int, int, int, int]:
+    """The aclnn and tiling checks (dtypes, shapes, attributes: nothing in device memory); returns
+    (Y, M, BS, K+1, HS)."""
     for name, value in (("x", x), *ids.items(), ("actual_token_num", actual_token_num)):
         if value is None:
             raise AclnnError(name, "must not be null", ACLNN_ERR_PARAM_NULLPTR)
@@ -75,7 +76,6 @@ def check_ffn_to_attention(x, ids: dict, actual_token_num, group, world_size, to
         if attn_rank_table.ndim != 1 or not 1 <= attn_rank_table.shape[0] <= world_size - 1:
             raise KernelError("attn_rank_table", f"must be 1-D with length in [1, world_size-1={world_size - 1}], "
                                                  f"got shape {attn_rank_table.shape}")
-        _in_range("attn_rank_table", attn_rank_table, 0, world_size)
     if h > hs:  # a row wider than its slot would overwrite the next slot
         raise KernelError("x", f"H={h} must be <= HS=token_data_shape[3]={hs}")
     if _limits.strict():
@@ -95,7 +95,19 @@ def check_ffn_to_attention(x, ids: dict, actual_token_num, group, world_size, to
             raise KernelError("token_data_shape", f"needs a {need} MB HCCL window "
                                                   f"((M*BS*(K+1)*HS*2 + M*BS*(K+1)*4)//MiB + 1), "
                                                   f"HCCL_BUFFSIZE is {have} MB (strict A3 limit)")
+    return y_cap, m, bs, k1, hs
+
+
+def check_ffn_to_attention(x, ids: dict, actual_token_num, group, world_size, token_info_table_shape,
+                           token_data_shape, attn_rank_table):
+    """The host checks, then the (sim-only) kernel-side checks of the values; returns
+    (n, M, BS, K1, HS, dst ranks, slots)."""
+    y_cap, m, bs, k1, hs = check_ffn_to_attention_host(x, ids, actual_token_num, group, world_size,
+                                                       token_info_table_shape, token_data_shape, attn_rank_table)
+    world_size = int(world_size)
     # Kernel side: the real kernel trusts these; out-of-range ids would scribble over other slots.
+    if attn_rank_table is not None:
+        _in_range("attn_rank_table", attn_rank_table, 0, world_size)
     n = int(actual_token_num[0])
     if not 0 <= n <= y_cap:
         raise KernelError("actual_token_num", f"must be in [0, Y={y_cap}], got {n}")
@@ -110,8 +122,9 @@ def check_ffn_to_attention(x, ids: dict, actual_token_num, group, world_size, to
 
 
 def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets, actual_token_num, group,
-                     world_size: int, token_info_table_shape, token_data_shape, attn_rank_table=None) -> None:
+                     world_size: int, token_info_table_shape, token_data_shape, attn_rank_table=None) -> dict:
     """Send rows [0, actual_token_num) of x to their attention ranks: slot data first, then slot flag = 1.
+    Returns {attention rank: [micro-batch ids it got rows of]}.
 
     group is an afd.comm.Group or a registered group name. The window of attention rank r is
     [flags int32 [M, BS, K+1] | pad to 512 | data [M, BS, K+1, HS] of x's dtype]; H = x.shape[1] elements are
@@ -127,8 +140,9 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
     table = None if attn_rank_table is None else np.asarray(attn_rank_table)
     n, m, bs, k1, hs, dst, slots = check_ffn_to_attention(x, ids, actual_token_num, group, world_size,
                                                           token_info_table_shape, token_data_shape, table)
+    sent: dict[int, list[int]] = {}
     if n == 0:
-        return
+        return sent
     info_bytes = align512(m * bs * k1 * 4)
     stride = hs * x.dtype.itemsize
     order = np.argsort(dst, kind="stable")  # keeps row order within a destination
@@ -140,4 +154,6 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
         win.put_rows(info_bytes, stride, slots[rows], x[rows])
         win.put_i32(0, slots[rows], VALID_FLAG)  # after the data: a reader that sees the flag sees the slot
         group.notify(rank)
+        sent[rank] = np.unique(slots[rows] // (bs * k1)).tolist()
         log.debug("sent %d rows to attention rank %d", rows.size, rank)
+    return sent

@@ -35,6 +35,26 @@ class FfnBatch(NamedTuple):
     actual_token_num: np.ndarray  # (1,) int64
 
 
+def check_ffn_worker_batching_host(schedule_context, expert_num: int, max_out_shape, token_dtype: int = 0,
+                                   need_schedule: int = 0, layer_num: int = 0) -> None:
+    """The aclnn and tiling checks (attributes only: the context's own fields are checked by the kernel)."""
+    if schedule_context is None:
+        raise AclnnError("schedule_context", "must not be null", ACLNN_ERR_PARAM_NULLPTR)
+    if token_dtype not in TOKEN_DTYPES:
+        raise AclnnError("token_dtype", f"must be 0 (fp16), 1 (bf16) or 2 (int8 + fp32 scale), got {token_dtype}",
+                         ACLNN_ERR_PARAM_INVALID)
+    if need_schedule not in (0, 1):
+        raise AclnnError("need_schedule", f"must be 0 or 1, got {need_schedule}", ACLNN_ERR_PARAM_INVALID)
+    shape = tuple(int(v) for v in max_out_shape)
+    if len(shape) != 4 or min(shape) <= 0:
+        raise KernelError("max_out_shape", f"must be 4 positive entries [A, BS, K+1, H], got {list(shape)}")
+    expert_num, layer_num = int(expert_num), int(layer_num)
+    if not 0 < expert_num <= MAX_EXPERTS:
+        raise KernelError("expert_num", f"must be in (0, {MAX_EXPERTS}], got {expert_num}")
+    if layer_num < 0 or (layer_num > 0 and expert_num % layer_num):
+        raise KernelError("layer_num", f"must be >= 0 and divide expert_num {expert_num}, got {layer_num}")
+
+
 def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_dtype: int = 0,
                         need_schedule: int = 0, layer_num: int = 0, *, idle: Idle = sched_yield) -> FfnBatch:
     """Batch the slots received from the attention sessions, sorted (stably) by local expert id.
@@ -49,26 +69,19 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
     attn_to_ffn_token_size bytes apart. With layer_num > 0 the ids are already per layer (expert_num =
     local experts x layers) and must divide evenly.
     """
-    if schedule_context is None:
-        raise AclnnError("schedule_context", "must not be null", ACLNN_ERR_PARAM_NULLPTR)
-    if token_dtype not in TOKEN_DTYPES:
-        raise AclnnError("token_dtype", f"must be 0 (fp16), 1 (bf16) or 2 (int8 + fp32 scale), got {token_dtype}",
-                         ACLNN_ERR_PARAM_INVALID)
-    if need_schedule not in (0, 1):
-        raise AclnnError("need_schedule", f"must be 0 or 1, got {need_schedule}", ACLNN_ERR_PARAM_INVALID)
+    check_ffn_worker_batching_host(schedule_context, expert_num, max_out_shape, token_dtype, need_schedule,
+                                   layer_num)
     ctx = as_context(schedule_context)
     a, m, bs, k1 = check_ffn_context(ctx)
     shape = tuple(int(v) for v in max_out_shape)
-    if len(shape) != 4 or shape[:3] != (a, bs, k1) or shape[3] <= 0:
+    if shape[:3] != (a, bs, k1):
         raise KernelError("max_out_shape", f"must be [A={a}, BS={bs}, K+1={k1}, H>0], got {list(shape)}")
     h = shape[3]
     expert_num, layer_num = int(expert_num), int(layer_num)
     for name, value, hi in (("session_num", a, MAX_SESSIONS), ("micro_batch_num", m, MAX_MICRO_BATCHES),
-                            ("selected_expert_num", k1, MAX_K1), ("expert_num", expert_num, MAX_EXPERTS)):
+                            ("selected_expert_num", k1, MAX_K1)):
         if not 0 < value <= hi:
             raise KernelError(name, f"must be in (0, {hi}], got {value}")
-    if layer_num < 0 or (layer_num > 0 and expert_num % layer_num):
-        raise KernelError("layer_num", f"must be >= 0 and divide expert_num {expert_num}, got {layer_num}")
     dtype = TOKEN_DTYPES[token_dtype]
     hs = ctx.common.attn_to_ffn_token_size
     scale_at = (h + 31) // 32 * 32  # int8 payload: the fp32 scale sits at byte align32(H)

@@ -66,6 +66,19 @@ def _emit(ctx, records: np.ndarray, out: dict, m: int, sessions: np.ndarray) -> 
     ctx.u32[_OUT_NUM] = base + sessions.size
 
 
+def check_ffn_worker_scheduler_host(schedule_context, execute_mode: int = 0) -> None:
+    """The aclnn host checks: null -> 161001; not 1-D, empty, or execute_mode != 0 -> 161002."""
+    if schedule_context is None:
+        raise AclnnError("schedule_context", "must not be null", ACLNN_ERR_PARAM_NULLPTR)
+    if not isinstance(schedule_context, ScheduleContext):
+        arr = np.asarray(schedule_context)
+        if arr.ndim != 1 or arr.size == 0:
+            raise AclnnError("schedule_context", f"must be a non-empty 1-D tensor (1024), got shape {arr.shape}",
+                             ACLNN_ERR_PARAM_INVALID)
+    if execute_mode != 0:
+        raise AclnnError("execute_mode", f"must be 0 (execute once), got {execute_mode}", ACLNN_ERR_PARAM_INVALID)
+
+
 def ffn_worker_scheduler_(schedule_context, sync_group_size: int | None, execute_mode: int = 0, *,
                           idle: Idle = sched_yield) -> int:
     """In place: wait for ready records, emit them to the FFN out buffers, reset them; OK on run_flag = 0.
@@ -76,15 +89,7 @@ def ffn_worker_scheduler_(schedule_context, sync_group_size: int | None, execute
     out_num is 0 on entry and stays 0 if run_flag drops to 0. run_flag is re-read on every scan and idle()
     runs between scans in both branches (the real all-sync branch busy-loops without yielding).
     """
-    if schedule_context is None:
-        raise AclnnError("schedule_context", "must not be null", ACLNN_ERR_PARAM_NULLPTR)
-    if not isinstance(schedule_context, ScheduleContext):
-        arr = np.asarray(schedule_context)
-        if arr.ndim != 1 or arr.size == 0:
-            raise AclnnError("schedule_context", f"must be a non-empty 1-D tensor (1024), got shape {arr.shape}",
-                             ACLNN_ERR_PARAM_INVALID)
-    if execute_mode != 0:
-        raise AclnnError("execute_mode", f"must be 0 (execute once), got {execute_mode}", ACLNN_ERR_PARAM_INVALID)
+    check_ffn_worker_scheduler_host(schedule_context, execute_mode)
     ctx = as_context(schedule_context)
     a, m, bs, k1 = check_ffn_context(ctx)
     out = _out_buffers(ctx, a, bs, k1)

@@ -1,0 +1,57 @@
+"""The fake Ascend NPU for PyTorch: `install()` gives `torch.npu`, the `npu` device, and `torch_npu` with its AFD ops.
+
+Nothing happens on import: a real torch_npu is never hidden unless asked. `afd npu -- COMMAND` asks for the
+command and every process it starts (AFD_NPU=1 and a `torch_npu` package first on PYTHONPATH); in Python,
+`import afd.npu; afd.npu.install()`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+ENV = "AFD_NPU"
+SHIM_DIR = os.path.join(os.path.dirname(__file__), "_shim")  # holds the `torch_npu` package `afd npu` puts first
+_lock = threading.RLock()
+_done = False
+
+
+class NpuInstallError(RuntimeError):
+    """The fake NPU cannot be put in place (torch missing, or another npu backend already loaded)."""
+
+
+def installed() -> bool:
+    return _done
+
+
+def install() -> None:
+    """Put the fake NPU in place in this process (idempotent)."""
+    global _done
+    with _lock:
+        if _done:
+            return
+        try:
+            import torch
+        except ImportError:
+            raise NpuInstallError("afd.npu needs torch (CPU): pip install 'afd-sim[npu]'") from None
+        from torch.utils.backend_registration import _get_privateuse1_backend_name
+        name = _get_privateuse1_backend_name()
+        if name not in ("privateuseone", "npu"):
+            raise NpuInstallError(f"torch's PrivateUse1 device is already {name!r}; the fake NPU needs it as 'npu'")
+        if name == "npu" and not _done and "torch_npu" in sys.modules and \
+                not getattr(sys.modules["torch_npu"], "__afd_fake__", False):
+            raise NpuInstallError("a real torch_npu is already loaded in this process; not replacing it")
+        from . import backend
+        backend.setup()
+        from . import api, dispatch, hccl, operators
+        dispatch.install()
+        operators.install()
+        hccl.install()
+        api.install_modules()
+        _done = True
+
+
+def _autoload() -> None:
+    """torch's device-backend entry point: runs inside `import torch`; installs only when AFD_NPU=1 asks."""
+    if os.environ.get(ENV, "") not in ("", "0"):
+        install()

@@ -1,0 +1,306 @@
+"""aten on npu tensors: factories allocate from the caching allocator; every other op runs its CPU kernel over CPU
+aliases of its npu arguments, in order on the current stream.
+
+Kinds of op, from the schema:
+  view        (returns an alias, writes nothing): the CPU kernel runs on the npu tensor itself, so the result
+              keeps the npu storage, `_base` and version counter; no data moves, no stream.
+  host read   (returns a number or bool, or copies to the CPU): waits for the stream, then runs.
+  the rest    in-place, out= and functional ops: at once when the stream has nothing pending, else queued on it.
+              Queued work needs its outputs before it runs: their shapes come from the op's meta kernel, the
+              buffers from the allocator; an op without a meta kernel (data-dependent shapes) waits instead.
+Results are always npu memory from the allocator, so every npu tensor's data_ptr() resolves for the operators.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.utils._pytree as pytree
+from torch._C import DispatchKey, DispatchKeySet
+
+from . import tensors
+from .tensors import as_cpu, as_npu
+
+CPU_KEYS = DispatchKeySet(DispatchKey.CPU)
+VIEW, HOST_READ, COMPUTE = "view", "host read", "compute"
+_TENSOR_RETURNS = ("Tensor", "Tensor?", "List[Tensor]", "Tensor[]")
+_kinds: dict = {}
+_libs: list = []
+_installed = threading.Lock()
+
+
+def _is_npu(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "npu"
+
+
+def _kind(op) -> tuple[str, tuple[str, ...]]:
+    """(kind, names of the written kwarg-only arguments, i.e. out=) of an op, cached."""
+    cached = _kinds.get(op)
+    if cached is None:
+        schema = op._schema
+        written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        outs = tuple(a.name for a in written if a.kwarg_only)
+        if any(str(r.type) not in _TENSOR_RETURNS for r in schema.returns):
+            kind = HOST_READ
+        elif not written and any(r.alias_info is not None for r in schema.returns):
+            kind = VIEW
+        else:
+            kind = COMPUTE
+        cached = _kinds[op] = (kind, outs)
+    return cached
+
+
+def _device_index(args, kwargs) -> int:
+    for x in pytree.tree_leaves((args, kwargs)):
+        if _is_npu(x):
+            return x.device.index or 0
+    return tensors.current_index()
+
+
+def _stream(args, kwargs):
+    from .module import current_stream
+    return current_stream(_device_index(args, kwargs))
+
+
+def _to_cpu(x):
+    return as_cpu(x) if _is_npu(x) else x
+
+
+def _to_meta(x):
+    if _is_npu(x) or (isinstance(x, torch.Tensor) and x.device.type == "cpu"):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    return x
+
+
+def _snapshot(x):
+    """CPU tensors a queued op reads are copied at launch: the host may change them before the op runs."""
+    return x.clone() if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+
+
+def _to_npu_result(result, index: int, keep: dict):
+    """Map an op's CPU results back: aliases of npu arguments become those arguments, new tensors are copied into
+    npu memory from the allocator."""
+    def one(r):
+        if not isinstance(r, torch.Tensor):
+            return r
+        same = keep.get(id(r))
+        if same is not None:
+            return same
+        out = tensors.empty_strided(r.shape, r.stride(), r.dtype, index)
+        as_cpu(out).copy_(r)
+        return out
+    return pytree.tree_map(one, result)
+
+
+def _aliases(args, kwargs):
+    """CPU aliases of the npu arguments, and id(alias) -> the npu tensor it stands for."""
+    keep = {}
+
+    def one(x):
+        if _is_npu(x):
+            c = as_cpu(x)
+            keep[id(c)] = x
+            return c
+        return x
+    cargs, ckw = pytree.tree_map(one, (args, kwargs))
+    return cargs, ckw, keep
+
+
+def _resize_outs(op, args, kwargs, outs) -> None:
+    """out= tensors get the shape the op will give them (the CPU kernel cannot resize an alias's storage)."""
+    margs, mkw = pytree.tree_map(_to_meta, (args, kwargs))
+    op(*margs, **mkw)
+    for name in outs:
+        npu_outs, meta_outs = kwargs.get(name), mkw.get(name)
+        for t, m in zip(pytree.tree_leaves(npu_outs), pytree.tree_leaves(meta_outs)):
+            if _is_npu(t) and tuple(t.shape) != tuple(m.shape):
+                t.resize_(m.shape)
+
+
+def run_now(op, args, kwargs, index: int):
+    """Run an op at once in this thread over CPU aliases; results as npu tensors."""
+    cargs, ckw, keep = _aliases(args, kwargs)
+    return _to_npu_result(op(*cargs, **ckw), index, keep)
+
+
+def _queue(op, args, kwargs, index: int, stream, outs):
+    """Launch an op behind the stream's pending work; outputs allocated now from the meta kernel's shapes."""
+    margs, mkw = pytree.tree_map(_to_meta, (args, kwargs))
+    meta = op(*margs, **mkw)
+    cargs, ckw, keep = _aliases(args, kwargs)
+    cargs, ckw = pytree.tree_map(_snapshot, (cargs, ckw))
+    results = []
+
+    def alloc(m):
+        if not isinstance(m, torch.Tensor):
+            return m
+        out = tensors.empty_strided(m.shape, m.stride(), m.dtype, index)
+        results.append(out)
+        return out
+
+    inplace = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if inplace:  # in-place or out=: the op's results are its written arguments
+        named = dict(zip([a.name for a in op._schema.arguments], args))
+        named.update(kwargs)
+        written_args = [named[n] for n in inplace]
+        value = written_args[0] if len(written_args) == 1 else tuple(written_args)
+
+        def task():
+            op(*cargs, **ckw)
+        stream.launch(task, str(op))
+        return value
+    npu_out = pytree.tree_map(alloc, meta)
+
+    def task():
+        produced = op(*cargs, **ckw)
+        for dst, src in zip(results, pytree.tree_leaves(produced)):
+            as_cpu(dst).copy_(src)
+    stream.launch(task, str(op))
+    return npu_out
+
+
+def fallback(op, *args, **kwargs):
+    """The boxed kernel of every aten op on npu tensors that has no kernel of its own here."""
+    kind, outs = _kind(op)
+    if kind == VIEW:
+        return op.redispatch(CPU_KEYS, *args, **kwargs)
+    index = _device_index(args, kwargs)
+    from .module import current_stream
+    stream = current_stream(index)
+    if kind == HOST_READ:
+        stream.synchronize()
+        return run_now(op, args, kwargs, index)
+    if outs:
+        _resize_outs(op, args, kwargs, outs)
+    if stream.idle():
+        return run_now(op, args, kwargs, index)
+    try:
+        return _queue(op, args, kwargs, index, stream, outs)
+    except (NotImplementedError, RuntimeError):  # no meta kernel (e.g. data-dependent shapes): wait, then run
+        stream.synchronize()
+        return run_now(op, args, kwargs, index)
+
+
+# -- kernels of their own -------------------------------------------------------------------------------------------
+def _empty_memory_format(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    dtype = dtype or torch.get_default_dtype()
+    if memory_format is not None and memory_format != torch.contiguous_format:
+        stride = torch.empty(size, dtype=dtype, device="meta", memory_format=memory_format).stride()
+        return tensors.empty_strided(size, stride, dtype, _index_of(device))
+    return tensors.empty(size, dtype, _index_of(device))
+
+
+def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memory=None):
+    return tensors.empty_strided(size, stride, dtype or torch.get_default_dtype(), _index_of(device))
+
+
+def _index_of(device) -> int:
+    if device is None or device.index is None:
+        return tensors.current_index()
+    return device.index
+
+
+def _copy_from(src, dst, non_blocking=False):
+    """copy_ across devices: into npu memory in stream order (host bytes snapshotted when the copy has to wait);
+    npu to host after the stream finished (a host read)."""
+    from .module import current_stream
+    if dst.device.type == "npu":
+        stream = current_stream(dst.device.index or 0)
+        d, s = as_cpu(dst), as_cpu(src)
+        if stream.idle():
+            d.copy_(s)
+        else:
+            s = s.clone() if src.device.type == "cpu" else s
+            stream.launch(lambda: d.copy_(s), "copy_")
+        return dst
+    current_stream(src.device.index or 0).synchronize()
+    dst.copy_(as_cpu(src))
+    return dst
+
+
+def _copy_from_and_resize(src, dst):
+    dst.resize_(src.shape)
+    return _copy_from(src, dst)
+
+
+def _resize_(self, size, memory_format=None):
+    """Metadata only when the storage is big enough; otherwise new npu storage with the old bytes in front."""
+    count = 1
+    for s in size:
+        count *= int(s)
+    need = (count + self.storage_offset()) * self.element_size()
+    storage = self.untyped_storage()
+    if need > storage.nbytes():
+        from .module import current_stream
+        current_stream(self.device.index or 0).synchronize()  # the old bytes as the stream left them
+        fresh = tensors.npu_bytes(need, self.device.index or 0)
+        if storage.nbytes():
+            as_cpu(fresh)[:storage.nbytes()].copy_(as_cpu(_storage_bytes(self)))
+        torch.ops.aten.set_.source_Storage_storage_offset.redispatch(
+            CPU_KEYS, self, fresh.untyped_storage(), self.storage_offset(), tuple(self.shape), tuple(self.stride()))
+    return torch.ops.aten.resize_.default.redispatch(CPU_KEYS, self, size, memory_format=memory_format)
+
+
+def _storage_bytes(t) -> torch.Tensor:
+    """An npu uint8 tensor over the whole storage of t."""
+    whole = tensors.npu_bytes(0, t.device.index or 0)
+    return torch.ops.aten.set_.source_Storage_storage_offset.redispatch(
+        CPU_KEYS, whole, t.untyped_storage(), 0, (t.untyped_storage().nbytes(),), (1,))
+
+
+def _set_storage(self, source, storage_offset=0, size=(), stride=()):
+    return torch.ops.aten.set_.source_Storage_storage_offset.redispatch(CPU_KEYS, self, source, storage_offset,
+                                                                        size, stride)
+
+
+def _set_tensor(self, source):
+    return torch.ops.aten.set_.source_Tensor.redispatch(CPU_KEYS, self, source)
+
+
+def _set_source_storage(self, source):
+    return torch.ops.aten.set_.source_Storage.redispatch(CPU_KEYS, self, source)
+
+
+def _record_stream(self, stream):
+    """Nothing to do: a queued op holds its tensors' storage until it ran, so memory is never reused early."""
+
+
+def _local_scalar_dense(self):
+    from .module import current_stream
+    current_stream(self.device.index or 0).synchronize()
+    return as_cpu(self).item()
+
+
+def _to_copy(self, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
+    """.to()/.cpu()/.npu() of an npu tensor: to the host after the stream finished, else a copy in stream order."""
+    if device is not None and device.type != "npu":
+        from .module import current_stream
+        current_stream(self.device.index or 0).synchronize()
+        return torch.ops.aten._to_copy.default(as_cpu(self), dtype=dtype, layout=layout, device=device,
+                                               pin_memory=pin_memory, non_blocking=non_blocking,
+                                               memory_format=memory_format)
+    kwargs = dict(dtype=dtype, layout=layout, pin_memory=pin_memory, non_blocking=non_blocking,
+                  memory_format=memory_format)
+    index = device.index if device is not None and device.index is not None else (self.device.index or 0)
+    out = fallback(torch.ops.aten._to_copy.default, self, **kwargs)
+    if out.device.index != index:  # .to("npu:1") of an npu:0 tensor: same memory pool, another device tag
+        out = as_npu(as_cpu(out), index)
+    return out
+
+
+def install() -> None:
+    """Register the kernels and the fallback for PrivateUse1 (once per process)."""
+    with _installed:
+        if _libs:
+            return
+        impl = torch.library.Library("aten", "IMPL")
+        for name, fn in (("empty.memory_format", _empty_memory_format), ("empty_strided", _empty_strided),
+                         ("_copy_from", _copy_from), ("_copy_from_and_resize", _copy_from_and_resize),
+                         ("resize_", _resize_), ("set_.source_Storage_storage_offset", _set_storage),
+                         ("set_.source_Tensor", _set_tensor), ("set_.source_Storage", _set_source_storage),
+                         ("record_stream", _record_stream), ("_local_scalar_dense", _local_scalar_dense),
+                         ("_to_copy", _to_copy)):
+            impl.impl(name, fn, "PrivateUse1")
+        boxed = torch.library.Library("_", "IMPL")
+        boxed.fallback(fallback, "PrivateUse1")
+        _libs.extend([impl, boxed])
