@@ -15,11 +15,16 @@ def pytest_addoption(parser):
                     help="seconds a pipeline started by the afd_pipeline fixture may run before it is stopped")
     group.addoption("--afd-no-leak-check", action="store_true",
                     help="do not fail tests that leave afd processes or shared-memory segments behind")
+    group.addoption("--afd-npu", action="store_true",
+                    help="install the fake NPU (afd.npu) before test modules import torch_npu")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "afd_timeout(seconds): bound for pipelines of this test (afd_pipeline)")
     config.addinivalue_line("markers", "afd_allow_leaks: skip the afd leak check for this test")
+    if config.getoption("--afd-npu", default=False):
+        from . import npu
+        npu.install()
 
 
 def _live_children() -> dict[int, str]:
@@ -93,3 +98,25 @@ def afd_pipeline(request):
     yield make
     for pipeline in started:
         pipeline.close()
+
+
+@pytest.fixture
+def afd_torchrun(tmp_path):
+    """A factory: `afd_torchrun(script, *args, nproc=2, nnodes=1, env=None, timeout=180)` runs the script under
+    `afd npu -- torchrun` (one torchrun per node; nodes are separate shared-memory namespaces) and returns a
+    TorchrunResult: `returncode`, `ranks` {rank: RankResult(exit_code, output)}, `output`. Every process it started
+    is gone afterwards (killed if need be, which fails the test)."""
+    from .npu.launch import TorchrunJob
+
+    jobs: list = []
+
+    def run(script, *args, nproc: int = 2, nnodes: int = 1, env: dict | None = None, timeout: float = 180.0):
+        job = TorchrunJob(str(script), [str(a) for a in args], nproc=nproc, nnodes=nnodes, env=env,
+                          work_dir=tmp_path / f"job{len(jobs)}")
+        jobs.append(job)
+        return job.run(timeout)
+
+    yield run
+    leftovers = [p for job in jobs for p in job.cleanup()]
+    if leftovers:
+        pytest.fail(f"torchrun job left processes behind: {leftovers}", pytrace=False)

@@ -26,9 +26,12 @@ class Stall(AfdError):
         self.waiting = waiting
         self.seconds = seconds
         self.details = details
-        super().__init__(f"{who}: {waiting.op}", f"stalled {seconds:.1f}s waiting for {waiting.what} of "
-                                                 f"micro_batch_id {waiting.micro_batch_id} "
-                                                 f"({waiting.ready}/{waiting.needed} ready)")
+        rule = (f"stalled {seconds:.1f}s waiting for {waiting.what} of micro_batch_id {waiting.micro_batch_id} "
+                f"({waiting.ready}/{waiting.needed} ready)")
+        texts = [d["text"] for d in details or () if "text" in d]
+        if texts:  # what the waiter could name: which flags are missing and who owed them
+            rule += "; missing: " + ", ".join(texts[:4]) + (f" ... ({len(texts)} in all)" if len(texts) > 4 else "")
+        super().__init__(f"{who}: {waiting.op}", rule)
 
 
 def _nap(timeout_ms: int) -> None:

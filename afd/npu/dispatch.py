@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.utils._pytree as pytree
 from torch._C import DispatchKey, DispatchKeySet
 
 from . import tensors
@@ -31,6 +30,28 @@ _installed = threading.Lock()
 
 def _is_npu(x) -> bool:
     return isinstance(x, torch.Tensor) and x.device.type == "npu"
+
+
+def _map(fn, x):
+    """fn over the tensors of an op's argument (a tensor, or a list/tuple of them); other values as they are.
+    (torch's pytree costs several times the whole CPU kernel of a small op.)"""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (list, tuple)) and x and any(isinstance(v, (torch.Tensor, list, tuple)) for v in x):
+        return type(x)(_map(fn, v) for v in x)
+    return x
+
+
+def _map_all(fn, args, kwargs):
+    return tuple(_map(fn, a) for a in args), {k: _map(fn, v) for k, v in kwargs.items()}
+
+
+def _leaves(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
 
 
 def _kind(op) -> tuple[str, tuple[str, ...]]:
@@ -51,8 +72,8 @@ def _kind(op) -> tuple[str, tuple[str, ...]]:
 
 
 def _device_index(args, kwargs) -> int:
-    for x in pytree.tree_leaves((args, kwargs)):
-        if _is_npu(x):
+    for x in _leaves((args, tuple(kwargs.values()))):
+        if x.device.type == "npu":
             return x.device.index or 0
     return tensors.current_index()
 
@@ -67,29 +88,23 @@ def _to_cpu(x):
 
 
 def _to_meta(x):
-    if _is_npu(x) or (isinstance(x, torch.Tensor) and x.device.type == "cpu"):
+    if x.device.type in ("npu", "cpu"):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
     return x
 
 
 def _snapshot(x):
     """CPU tensors a queued op reads are copied at launch: the host may change them before the op runs."""
-    return x.clone() if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+    return x.clone() if x.device.type == "cpu" else x
 
 
 def _to_npu_result(result, index: int, keep: dict):
     """Map an op's CPU results back: aliases of npu arguments become those arguments, new tensors are copied into
     npu memory from the allocator."""
     def one(r):
-        if not isinstance(r, torch.Tensor):
-            return r
         same = keep.get(id(r))
-        if same is not None:
-            return same
-        out = tensors.empty_strided(r.shape, r.stride(), r.dtype, index)
-        as_cpu(out).copy_(r)
-        return out
-    return pytree.tree_map(one, result)
+        return same if same is not None else tensors.to_npu_copy(r, index)
+    return _map(one, result)
 
 
 def _aliases(args, kwargs):
@@ -102,17 +117,17 @@ def _aliases(args, kwargs):
             keep[id(c)] = x
             return c
         return x
-    cargs, ckw = pytree.tree_map(one, (args, kwargs))
+    cargs, ckw = _map_all(one, args, kwargs)
     return cargs, ckw, keep
 
 
 def _resize_outs(op, args, kwargs, outs) -> None:
     """out= tensors get the shape the op will give them (the CPU kernel cannot resize an alias's storage)."""
-    margs, mkw = pytree.tree_map(_to_meta, (args, kwargs))
+    margs, mkw = _map_all(_to_meta, args, kwargs)
     op(*margs, **mkw)
     for name in outs:
         npu_outs, meta_outs = kwargs.get(name), mkw.get(name)
-        for t, m in zip(pytree.tree_leaves(npu_outs), pytree.tree_leaves(meta_outs)):
+        for t, m in zip(_leaves(npu_outs), _leaves(meta_outs)):
             if _is_npu(t) and tuple(t.shape) != tuple(m.shape):
                 t.resize_(m.shape)
 
@@ -123,17 +138,30 @@ def run_now(op, args, kwargs, index: int):
     return _to_npu_result(op(*cargs, **ckw), index, keep)
 
 
+def _run_into_outs(op, args, kwargs, index: int, outs):
+    """An out= op whose output shape only running tells: run into CPU outputs, then size and fill the npu ones."""
+    fresh = {name: _map(lambda t: torch.empty(0, dtype=t.dtype) if _is_npu(t) else t, kwargs[name])
+             for name in outs}
+    cargs, ckw, _ = _aliases(args, {k: v for k, v in kwargs.items() if k not in outs})
+    op(*cargs, **ckw, **fresh)
+    for name in outs:
+        for t, r in zip(_leaves(kwargs[name]), _leaves(fresh[name])):
+            if _is_npu(t):
+                t.resize_(r.shape)
+                as_cpu(t).copy_(r)
+    written = [kwargs[name] for name in outs]
+    return written[0] if len(written) == 1 else tuple(written)
+
+
 def _queue(op, args, kwargs, index: int, stream, outs):
     """Launch an op behind the stream's pending work; outputs allocated now from the meta kernel's shapes."""
-    margs, mkw = pytree.tree_map(_to_meta, (args, kwargs))
+    margs, mkw = _map_all(_to_meta, args, kwargs)
     meta = op(*margs, **mkw)
-    cargs, ckw, keep = _aliases(args, kwargs)
-    cargs, ckw = pytree.tree_map(_snapshot, (cargs, ckw))
+    sargs, skw = _map_all(_snapshot, args, kwargs)  # host tensors as they are now (npu ones untouched)
+    cargs, ckw, keep = _aliases(sargs, skw)
     results = []
 
     def alloc(m):
-        if not isinstance(m, torch.Tensor):
-            return m
         out = tensors.empty_strided(m.shape, m.stride(), m.dtype, index)
         results.append(out)
         return out
@@ -149,11 +177,11 @@ def _queue(op, args, kwargs, index: int, stream, outs):
             op(*cargs, **ckw)
         stream.launch(task, str(op))
         return value
-    npu_out = pytree.tree_map(alloc, meta)
+    npu_out = _map(alloc, meta)
 
     def task():
         produced = op(*cargs, **ckw)
-        for dst, src in zip(results, pytree.tree_leaves(produced)):
+        for dst, src in zip(results, _leaves(produced)):
             as_cpu(dst).copy_(src)
     stream.launch(task, str(op))
     return npu_out
@@ -171,7 +199,11 @@ def fallback(op, *args, **kwargs):
         stream.synchronize()
         return run_now(op, args, kwargs, index)
     if outs:
-        _resize_outs(op, args, kwargs, outs)
+        try:
+            _resize_outs(op, args, kwargs, outs)
+        except (NotImplementedError, RuntimeError):  # no meta kernel: the shape is known only after running
+            stream.synchronize()
+            return _run_into_outs(op, args, kwargs, index, outs)
     if stream.idle():
         return run_now(op, args, kwargs, index)
     try:
@@ -301,6 +333,27 @@ def install() -> None:
                          ("record_stream", _record_stream), ("_local_scalar_dense", _local_scalar_dense),
                          ("_to_copy", _to_copy)):
             impl.impl(name, fn, "PrivateUse1")
+        _register_structured(impl)
         boxed = torch.library.Library("_", "IMPL")
         boxed.fallback(fallback, "PrivateUse1")
         _libs.extend([impl, boxed])
+
+
+def _register_structured(impl) -> None:
+    """Structured ops (add.Tensor, mul.Tensor, ...) have a generic kernel for out-of-tree devices that allocates an
+    empty output and calls the .out op: twice the work here (an allocation, a resize, a meta pass). Giving each its
+    own entry into the fallback runs the functional CPU kernel directly (about 25 ms once, at install)."""
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("aten::") or \
+                not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutogradNonFunctional") or \
+                torch._C._dispatch_has_kernel_for_dispatch_key(name, "PrivateUse1"):
+            continue
+        base, _, overload = name[len("aten::"):].partition(".")
+        op = getattr(getattr(torch.ops.aten, base), overload or "default")
+        impl.impl(name[len("aten::"):], _entry(op), "PrivateUse1")
+
+
+def _entry(op):
+    def kernel(*args, **kwargs):
+        return fallback(op, *args, **kwargs)
+    return kernel

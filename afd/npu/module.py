@@ -23,11 +23,17 @@ _default_lock = threading.Lock()
 _first_device: int | None = None  # the device the first set_device chose: new threads start on it
 
 
+_count: int | None = None
+
+
 def device_count() -> int:
-    try:
-        return max(1, int(os.environ.get("AFD_NPU_DEVICE_COUNT", DEFAULT_DEVICE_COUNT)))
-    except ValueError:
-        return DEFAULT_DEVICE_COUNT
+    global _count
+    if _count is None:
+        try:
+            _count = max(1, int(os.environ.get("AFD_NPU_DEVICE_COUNT", DEFAULT_DEVICE_COUNT)))
+        except ValueError:
+            _count = DEFAULT_DEVICE_COUNT
+    return _count
 
 
 def is_available() -> bool:
@@ -112,16 +118,18 @@ def _total_memory() -> int:
 
 
 def default_stream(device=None) -> Stream:
-    index = _device_index(device)
-    with _default_lock:
-        stream = _default_streams.get(index)
-        if stream is None:
-            stream = _default_streams[index] = Stream(index, stream_id=0)
-        return stream
+    index = device if type(device) is int else _device_index(device)
+    stream = _default_streams.get(index)
+    if stream is None:
+        with _default_lock:
+            stream = _default_streams.get(index)
+            if stream is None:
+                stream = _default_streams[index] = Stream(_device_index(index), stream_id=0)
+    return stream
 
 
 def current_stream(device=None) -> Stream:
-    index = _device_index(device)
+    index = device if type(device) is int and 0 <= device < device_count() else _device_index(device)
     streams = getattr(_current, "streams", None)
     if streams is not None and index in streams:
         return streams[index]

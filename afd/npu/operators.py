@@ -112,10 +112,20 @@ def _context_tensor(op: str, t) -> None:
         raise NpuOpError(op, AclnnError("schedule_context", "must be contiguous", ACLNN_ERR_PARAM_INVALID))
 
 
+_contexts: dict[int, object] = {}
+
+
 def _context(t: torch.Tensor):
-    """The ScheduleContext the kernel reads: the tensor's bytes, addresses resolved in npu memory."""
-    ctx = as_context(numpy_of(t).view(np.uint8))
-    ctx.device = memory
+    """The ScheduleContext the kernel reads: the tensor's bytes, addresses resolved in npu memory. One view per
+    address, kept: it only views the bytes there, so a later tensor at the same address is read right too."""
+    address = t.data_ptr()
+    ctx = _contexts.get(address)
+    if ctx is None or ctx.raw.nbytes > t.numel():
+        ctx = as_context(numpy_of(t).view(np.uint8))
+        ctx.device = memory
+        if len(_contexts) > 256:
+            _contexts.clear()
+        _contexts[address] = ctx
     return ctx
 
 
@@ -132,8 +142,10 @@ def _stream_of(t: torch.Tensor):
 
 
 def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = None, explain=None,
-            owed_by=lambda: ()) -> None:
-    """Run kernel() in order on the current stream, with the fault hooks, the trace span and the watchdog."""
+            owed_by=lambda: (), waits: bool = True) -> None:
+    """Run kernel() in order on the current stream, with the fault hooks, the trace span and the watchdog.
+    An op that never waits (waits=False) runs at once in the caller when the stream has nothing pending, as
+    ordinary tensor work does; its failure is still kept for the next sync, like any stream error."""
     stream = _stream_of(device_tensor)
     call = faults.next_call(op)
 
@@ -153,6 +165,12 @@ def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = No
             watchdog.set_context()
             trace.span(op, stream, t0, time.monotonic_ns(), call, {**(args or {}), **extra})
 
+    if not waits and stream.idle():
+        try:
+            task()
+        except BaseException as exc:
+            stream._queue.keep_error(op, exc)
+        return
     stream.launch(task, op)
 
 
@@ -198,29 +216,30 @@ def npu_attention_worker_combine(schedule_context, expert_scales, layer_id, hidd
     op = "npu_attention_worker_combine"
     _context_tensor(op, schedule_context)
     _need_npu(op, expert_scales=expert_scales, layer_id=layer_id)
-    _host_check(op, check_attention_worker_combine_host, schedule_context, numpy_of(expert_scales),
-                numpy_of(layer_id), hidden_size, token_dtype, need_schedule)
+    scales, layer = numpy_of(expert_scales), numpy_of(layer_id)  # views: what the kernel reads when it runs
+    _host_check(op, check_attention_worker_combine_host, schedule_context, scales, layer, hidden_size, token_dtype,
+                need_schedule)
+    index = schedule_context.device.index
     y = tensors.empty((expert_scales.shape[0], int(hidden_size)), torch.bfloat16 if token_dtype == 1 else torch.float16,
-                      schedule_context.device.index)
-    next_layer_id = tensors.empty((layer_id.shape[0],), torch.int32, schedule_context.device.index)
+                      index)
+    next_layer_id = tensors.empty((layer_id.shape[0],), torch.int32, index)
 
     def kernel():
         ctx = _context(schedule_context)
         out_y, out_next = numpy_of(y), numpy_of(next_layer_id)
         try:
-            result, nxt = attention_worker_combine(ctx, numpy_of(expert_scales), numpy_of(layer_id), hidden_size,
-                                                   token_dtype, need_schedule, idle=_policy())
+            _, nxt = attention_worker_combine(ctx, scales, layer, hidden_size, token_dtype, need_schedule,
+                                              idle=_policy(), out=out_y)
         except _polling.Stopped:  # run_flag = 0 while waiting: OK, nothing reset (the real kernel has no exit)
             out_y[...] = 0
-            out_next[...] = numpy_of(layer_id)[:out_next.size] + 1
+            out_next[...] = layer[:out_next.size] + 1
             _warn_stopped(op)
             return {"stopped": True}
-        out_y[...] = result
         out_next[...] = nxt
         return {"micro_batch": int(ctx.attention.micro_batch_id)}
 
     _launch(op, schedule_context, kernel, {"need_schedule": need_schedule},
-            explain=lambda w: _missing(w, _slot_owner), owed_by=_combine_owed)
+            explain=lambda w: _missing(w, _slot_owner), owed_by=_combine_owed, waits=bool(need_schedule))
     return y, next_layer_id
 
 
@@ -340,7 +359,7 @@ def npu_ffn_worker_batching(schedule_context, expert_num, max_out_shape, token_d
         return {"actual_token_num": n, "units": units}
 
     _launch(op, schedule_context, kernel, {"need_schedule": need_schedule},
-            explain=lambda w: _missing(w, _header_owner), owed_by=_ffn_owed)
+            explain=lambda w: _missing(w, _header_owner), owed_by=_ffn_owed, waits=bool(need_schedule))
     return outs
 
 
@@ -409,7 +428,7 @@ def npu_ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offs
             faults.round_done()
         return {"to": {int(r): mbs for r, mbs in sent.items()}}
 
-    _launch(op, x, kernel, {"group": group})
+    _launch(op, x, kernel, {"group": group}, waits=False)  # F2A never waits (it overwrites blindly)
 
 
 # -- meta functions (torch_npu's _meta_registrations, same shapes and dtypes) ---------------------------------------

@@ -77,11 +77,7 @@ class _Queue:
                 if not skip:
                     task.fn()
             except BaseException as exc:  # kept for the host, and said now
-                with self.cond:
-                    if self.error is None:
-                        self.error = (task.name, exc)
-                watchdog.announce(f"npu:{self.stream_ref.device_index} stream {self.stream_ref.stream_id}: "
-                                  f"{task.name} failed: {type(exc).__name__}: {exc}")
+                self.keep_error(task.name, exc)
             finally:
                 with self.cond:
                     self.tasks.popleft()
@@ -91,6 +87,14 @@ class _Queue:
 
     def idle(self) -> bool:
         return self.done == self.launched
+
+    def keep_error(self, name: str, exc: BaseException) -> None:
+        """A failure of this stream's work: raised at the next host sync (the first one kept), said now."""
+        with self.cond:
+            if self.error is None:
+                self.error = (name, exc)
+        watchdog.announce(f"npu:{self.stream_ref.device_index} stream {self.stream_ref.stream_id}: "
+                          f"{name} failed: {type(exc).__name__}: {exc}")
 
     def take_error(self) -> None:
         """Raise (once) the sticky error of this stream."""

@@ -56,42 +56,113 @@ def current_index() -> int:
     return current_device()
 
 
-def npu_bytes(nbytes: int, index: int | None = None, own_segment: bool = False) -> torch.Tensor:
-    """A 1-D uint8 npu tensor of nbytes from the caching allocator (a zero-byte one still owns a block, so its
-    data_ptr() is a real address like every other's)."""
-    index = current_index() if index is None else int(index)
+_ITEMSIZE: dict = {}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+        size = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size
+
+
+def host_block(nbytes: int, own_segment: bool = False) -> torch.Tensor:
+    """A 1-D uint8 CPU tensor over a fresh allocator block (a zero-byte one still owns a block, so its
+    data_ptr() is a real address like every other's); retag it with as_npu."""
     nbytes = int(nbytes)
     block = memory.allocate(max(1, nbytes), own_segment=own_segment)
     cpu = torch.from_numpy(memory.host_bytes(block, max(1, nbytes)))
-    return as_npu(cpu if nbytes else cpu[:0], index)
+    return cpu if nbytes else cpu[:0]
+
+
+def npu_bytes(nbytes: int, index: int | None = None, own_segment: bool = False) -> torch.Tensor:
+    """A 1-D uint8 npu tensor of nbytes from the caching allocator."""
+    return as_npu(host_block(nbytes, own_segment), current_index() if index is None else int(index))
+
+
+def host_strided(size, stride, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of this shape and strides over a fresh block (enough bytes for the largest offset)."""
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    count = 0 if 0 in size else 1 + sum((s - 1) * st for s, st in zip(size, stride))
+    nbytes = count * itemsize(dtype)
+    if stride == contiguous_strides(size):
+        shaped = _FROM_NUMPY.get(dtype)
+        if shaped is not None:  # one numpy reshape and one from_numpy: the cheapest way to a shaped tensor
+            block = memory.allocate(max(1, nbytes))
+            arr = memory.host_bytes(block, max(1, nbytes))[:nbytes].view(shaped).reshape(size)
+            t = torch.from_numpy(arr)
+            return t.view(dtype) if dtype == torch.bfloat16 else t
+        return host_block(nbytes).view(dtype).view(size)
+    return torch.as_strided(host_block(nbytes).view(dtype), size, stride)
+
+
+_FROM_NUMPY = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
+               torch.float64: np.float64, torch.int8: np.int8, torch.uint8: np.uint8, torch.int16: np.int16,
+               torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_}
 
 
 def empty_strided(size, stride, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
-    """torch.empty_strided on npu: one block holding the largest offset the strides reach."""
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    count = 0 if any(s == 0 for s in size) else 1 + sum((s - 1) * st for s, st in zip(size, stride))
-    raw = npu_bytes(count * itemsize, index)
-    flat = as_cpu(raw).view(dtype)
-    return as_npu(torch.as_strided(flat, size, stride), raw.device.index)
+    """torch.empty_strided on npu."""
+    return as_npu(host_strided(size, stride, dtype), current_index() if index is None else int(index))
+
+
+def contiguous_strides(size) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(tuple(int(s) for s in size)):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
 
 
 def empty(size, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
     """torch.empty on npu: contiguous."""
-    size = tuple(int(s) for s in size)
-    stride, acc = [], 1
-    for s in reversed(size):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return empty_strided(size, tuple(reversed(stride)), dtype, index)
+    return empty_strided(size, contiguous_strides(size), dtype, index)
+
+
+def to_npu_copy(r: torch.Tensor, index: int) -> torch.Tensor:
+    """A new npu tensor with the values (and layout) of a CPU result."""
+    out = host_strided(r.shape, r.stride(), r.dtype)
+    out.copy_(r)
+    return as_npu(out, index)
+
+
+_views: dict[tuple, np.ndarray] = {}
+_NP_DTYPES: dict = {}
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    d = _NP_DTYPES.get(dtype)
+    if d is None:
+        if dtype == torch.bfloat16:
+            import ml_dtypes
+            d = np.dtype(ml_dtypes.bfloat16)
+        else:
+            d = torch.empty(0, dtype=dtype).numpy().dtype
+        d = _NP_DTYPES[dtype] = d
+    return d
 
 
 def numpy_of(t: torch.Tensor) -> np.ndarray:
-    """A numpy array over an npu (or CPU) tensor's bytes; bfloat16 becomes ml_dtypes.bfloat16."""
-    c = as_cpu(t)
-    if c.dtype == torch.bfloat16:
-        import ml_dtypes
-        return c.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    if c.dtype == torch.bool:
-        return c.numpy()
-    return c.numpy()
+    """A numpy array over a tensor's bytes (no copy); bfloat16 becomes ml_dtypes.bfloat16.
+
+    For npu tensors it views the allocator's segment at data_ptr() (not the tensor, so it keeps no block alive)
+    and is kept by (address, shape, strides, dtype): an operator called every step with the same tensors pays for
+    it once; a kept view only views the bytes at that address, as right for a later tensor there as for the first.
+    """
+    if t.device.type != "npu":
+        return t.view(torch.int16).numpy().view(_np_dtype(t.dtype)) if t.dtype == torch.bfloat16 else t.numpy()
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+    arr = _views.get(key)
+    if arr is None:
+        dtype = _np_dtype(t.dtype)
+        shape, stride = tuple(t.shape), t.stride()
+        count = 0 if 0 in shape else 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+        flat = memory.view(key[0], count * dtype.itemsize, dtype, field="tensor")
+        if stride == contiguous_strides(shape):
+            arr = flat.reshape(shape)
+        else:
+            arr = np.lib.stride_tricks.as_strided(flat, shape, tuple(st * dtype.itemsize for st in stride))
+        if len(_views) >= 4096:
+            _views.clear()
+        _views[key] = arr
+    return arr

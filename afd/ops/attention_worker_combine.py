@@ -38,7 +38,7 @@ def _widen_f16(src_u16: np.ndarray, w: np.ndarray, sign: np.ndarray, special: np
     np.bitwise_or(w, sign, out=w)
 
 
-def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype) -> np.ndarray:
+def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype, out: np.ndarray | None = None) -> np.ndarray:
     """y[i] = cast(sum_{k<K} f32(s[i,k])*f32(d[i,k]) + f32(d[i,K])): fp32, k in order, multiply then add (no FMA).
 
     data is (BS, K+1, H) fp16 or bf16 (any extra trailing slots are ignored); the sum is bit-exact with a plain
@@ -47,7 +47,7 @@ def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype) -> np
     bs, k = expert_scales.shape
     h = data.shape[2]
     if h % 2 == 0 and data.strides[2] == 2 and data.strides[1] % 4 == 0 and data.ctypes.data % 4 == 0:
-        return _combine_compiled(data, np.ascontiguousarray(expert_scales, np.float32), out_dtype)
+        return _combine_compiled(data, np.ascontiguousarray(expert_scales, np.float32), out_dtype, out)
     k1 = k + 1
     scales = np.asarray(expert_scales, np.float32)[:, :, None]
     src = data[:, :k1]
@@ -70,7 +70,15 @@ def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype) -> np
         np.multiply(f[:, :k], scales[i0:i1], out=f[:, :k])
         # A reduce over a non-inner axis adds the k rows in order: ((p0 + p1) + p2) + ... exactly.
         np.add.reduce(f, axis=1, out=acc[i0:i1])
-    return acc.astype(out_dtype)  # fp16: numpy RNE; bf16: ml_dtypes RNE (CAST_RINT)
+    return _cast_into(acc, out_dtype, out)  # fp16: numpy RNE; bf16: ml_dtypes RNE (CAST_RINT)
+
+
+def _cast_into(sums: np.ndarray, out_dtype, out: np.ndarray | None) -> np.ndarray:
+    """The fp32 sums cast to the output dtype (round to nearest even), into `out` when given."""
+    if out is None:
+        return sums.astype(out_dtype)
+    out[...] = sums
+    return out
 
 
 def warm_up(token_dtype: int) -> None:
@@ -79,7 +87,7 @@ def warm_up(token_dtype: int) -> None:
     combine_tokens(np.zeros((1, 2, 2), dtype), np.zeros((1, 1), np.float32), dtype)
 
 
-def _combine_compiled(data: np.ndarray, scales: np.ndarray, out_dtype) -> np.ndarray:
+def _combine_compiled(data: np.ndarray, scales: np.ndarray, out_dtype, out: np.ndarray | None = None) -> np.ndarray:
     """combine_tokens through the compiled kernel: every row read once, as 32-bit words of two 16-bit values."""
     from ._kernels import combine_pairs_bf16, combine_pairs_f16
 
@@ -90,10 +98,16 @@ def _combine_compiled(data: np.ndarray, scales: np.ndarray, out_dtype) -> np.nda
     if half:  # fp16: the kernel leaves the fp32 sums, numpy's cast rounds them (RNE)
         sums = np.empty((bs, h), np.float32)
         combine_pairs_f16(words, scales, acc, sums)
-        return sums.astype(out_dtype)
-    out = np.empty((bs, h // 2), np.uint32)
-    combine_pairs_bf16(words, scales, acc, out)
-    return out.view(TOKEN_DTYPES[1])
+        return _cast_into(sums, out_dtype, out)
+    if out is not None and out.flags.c_contiguous:  # the kernel writes its pairs straight into the caller's y
+        combine_pairs_bf16(words, scales, acc, out.view(np.uint32).reshape(bs, h // 2))
+        return out
+    pairs = np.empty((bs, h // 2), np.uint32)
+    combine_pairs_bf16(words, scales, acc, pairs)
+    if out is not None:
+        out[...] = pairs.view(TOKEN_DTYPES[1])
+        return out
+    return pairs.view(TOKEN_DTYPES[1])
 
 
 def check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size, token_dtype,
@@ -128,11 +142,13 @@ def check_attention_worker_combine_host(schedule_context, expert_scales, layer_i
 
 
 def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_size: int, token_dtype: int = 0,
-                             need_schedule: int = 0, *, idle: Idle = sched_yield) -> tuple[np.ndarray, np.ndarray]:
+                             need_schedule: int = 0, *, idle: Idle = sched_yield,
+                             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Combine one micro-batch's returned expert slots into y (BS, H); returns (y, next_layer_id = layer_id + 1).
 
     BS and K come from expert_scales (pitfall S7: the micro-batch base offset uses that BS too) and the slot
-    stride is hidden_size elements. need_schedule=0 reads micro-batch attention.micro_batch_id and touches no
+    stride is hidden_size elements; y is written into `out` when given (the torch front-end's output tensor).
+    need_schedule=0 reads micro-batch attention.micro_batch_id and touches no
     flag. need_schedule=1 polls the flags of the first BS tokens of (micro_batch_id + 1) % M until every one is
     exactly 1, combines, zeroes those flags and sets micro_batch_id.
 
@@ -165,7 +181,9 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
         flags = dev.view(attention.token_info_buf + mb * bs * k1 * 4, bs * k1 * 4, "<i4",
                          field="attention.token_info_buf")
         _wait_flags(ctx, flags, mb, bs, k1, idle)
-    y = combine_tokens(data, scales, dtype)
+    if out is not None and (out.shape != (bs, h) or out.dtype != dtype):
+        raise KernelError("y", f"the output must be ({bs}, {h}) {dtype}, got {out.shape} {out.dtype}")
+    y = combine_tokens(data, scales, dtype, out)
     if need_schedule:
         flags[:] = 0
         ctx.u32[_MICRO_BATCH_ID] = mb

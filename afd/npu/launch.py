@@ -1,0 +1,154 @@
+"""Run a script under `afd npu -- torchrun` and read back each rank's exit code and output (the pytest fixture).
+
+One torchrun per node (static rendezvous on loopback for several nodes: each node is its own shared-memory
+namespace, as on separate machines). `--tee 3` prefixes every line of a rank's output with `[default<local
+rank>]:`; torchrun's failure summary gives the exit code of each rank that failed. Every job runs in a session of
+its own, so whatever it started can be found and ended afterwards.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_LINE = re.compile(r"^\[default(\d+)\]:(.*)$")
+_FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
+_EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+@dataclass
+class RankResult:
+    exit_code: int | None  # None: unknown (torchrun failed before reporting this rank)
+    output: str
+
+
+@dataclass
+class TorchrunResult:
+    returncode: int
+    ranks: dict[int, RankResult]
+    output: str
+    timed_out: bool = False
+    seconds: float = 0.0
+    nodes: list[str] = field(default_factory=list)
+
+    def rank(self, r: int) -> RankResult:
+        return self.ranks[r]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_members(sid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            out.append(int(entry))
+    return out
+
+
+class TorchrunJob:
+    def __init__(self, script: str, args: list[str], nproc: int = 2, nnodes: int = 1, env: dict | None = None,
+                 work_dir: Path | None = None, afd_options: list[str] | None = None):
+        self.script, self.args, self.nproc, self.nnodes = script, args, nproc, nnodes
+        self.env = {**os.environ, **(env or {})}
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.afd_options = afd_options or []
+        self.procs: list[subprocess.Popen] = []
+
+    def commands(self) -> list[list[str]]:
+        base = [sys.executable, "-m", "afd", "npu", *self.afd_options, "--", sys.executable, "-m",
+                "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(self.nproc)]
+        if self.nnodes == 1:
+            return [base + ["--standalone", self.script, *self.args]]
+        port = _free_port()
+        return [base + ["--nnodes", str(self.nnodes), "--node-rank", str(i), "--master-addr", "127.0.0.1",
+                        "--master-port", str(port), self.script, *self.args] for i in range(self.nnodes)]
+
+    def run(self, timeout: float = 180.0) -> TorchrunResult:
+        t0 = time.monotonic()
+        if self.work_dir:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        outs = []
+        for cmd in self.commands():
+            f = open(self.work_dir / f"node{len(outs)}.log", "w+") if self.work_dir else subprocess.PIPE
+            outs.append(f)
+            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                               start_new_session=True))
+        timed_out = False
+        deadline = t0 + timeout
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                self._kill()
+                codes.append(proc.wait(10))
+        texts = []
+        for f, proc in zip(outs, self.procs):
+            if f is subprocess.PIPE:
+                texts.append(proc.stdout.read())
+            else:
+                f.seek(0)
+                texts.append(f.read())
+                f.close()
+        ranks = {}
+        for node, (text, code) in enumerate(zip(texts, codes)):
+            ranks.update(self._parse(node, text, code))
+        rc = next((c for c in codes if c != 0), 0)
+        return TorchrunResult(rc, ranks, "\n".join(texts), timed_out, time.monotonic() - t0, texts)
+
+    def _parse(self, node: int, text: str, code: int) -> dict[int, RankResult]:
+        lines: dict[int, list[str]] = {i: [] for i in range(self.nproc)}
+        exit_codes: dict[int, int | None] = {i: (0 if code == 0 else None) for i in range(self.nproc)}
+        pending = None
+        for line in text.splitlines():
+            m = _LINE.match(line)
+            if m:
+                local = int(m.group(1))
+                lines.setdefault(local, []).append(m.group(2))
+                continue
+            m = _FAILED_RANK.match(line)
+            if m:
+                pending = int(m.group(2))
+                continue
+            m = _EXITCODE.match(line)
+            if m and pending is not None:
+                exit_codes[pending] = int(m.group(1))
+                pending = None
+        return {node * self.nproc + local: RankResult(exit_codes.get(local), "\n".join(lines.get(local, [])))
+                for local in lines}
+
+    def _kill(self) -> None:
+        for proc in self.procs:
+            for pid in _session_members(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def cleanup(self) -> list[int]:
+        """End whatever the job left (its sessions' processes); the pids that were still there."""
+        left = [pid for proc in self.procs for pid in _session_members(proc.pid)]
+        if left:
+            self._kill()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.wait(10)
+        return left
