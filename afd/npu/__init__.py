@@ -48,7 +48,28 @@ def install() -> None:
         operators.install()
         hccl.install()
         api.install_modules()
+        _on_sigterm_clean_up()
         _done = True
+
+
+def _on_sigterm_clean_up() -> None:
+    """torchrun ends the other ranks of a failed job with SIGTERM: leave nothing behind (the `afd stop` listing,
+    this rank's trace part), then die of the signal as before. Only where nobody installed a handler."""
+    import signal
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum, frame):
+        from . import registry, trace
+        try:
+            registry.clear()
+            trace.write()
+        finally:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _autoload() -> None:

@@ -18,7 +18,7 @@ from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnErro
 from ..ops import _polling
 from ..ops._context import as_context
 from ..ops.attention_to_ffn import attention_to_ffn, check_attention_to_ffn_host
-from ..ops.attention_worker_combine import attention_worker_combine, check_attention_worker_combine_host
+from ..ops.attention_worker_combine import attention_worker_combine, check_attention_worker_combine_host, warm_up
 from ..ops import attention_worker_scheduler as _attention_scheduler_op
 from ..ops.ffn_to_attention import _IDS, check_ffn_to_attention_host, ffn_to_attention
 from ..ops.ffn_worker_batching import check_ffn_worker_batching_host, ffn_worker_batching
@@ -211,9 +211,30 @@ def _combine_owed() -> list[tuple[int, int]]:
     return _peer_pids(ranks)
 
 
+_warm: set = set()
+_warming: threading.Thread | None = None
+
+
+def warm_kernels_in_background() -> None:
+    """Load (once per machine: compile) the combine's compiled kernels now, beside the script's own start-up, so
+    no first call waits for them and none loads under the watchdog."""
+    global _warming
+    if _warming is None:
+        _warming = threading.Thread(target=lambda: [_ensure_warm(code) for code in (1, 0)], name="afd npu warm-up",
+                                    daemon=True)
+        _warming.start()
+
+
+def _ensure_warm(token_dtype: int) -> None:
+    if token_dtype not in _warm and token_dtype in (0, 1):
+        warm_up(token_dtype)
+        _warm.add(token_dtype)
+
+
 def npu_attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_size, token_dtype=0,
                                  need_schedule=0):
     op = "npu_attention_worker_combine"
+    _ensure_warm(token_dtype)  # in the caller, before the op may start waiting: loading is not a stall
     _context_tensor(op, schedule_context)
     _need_npu(op, expert_scales=expert_scales, layer_id=layer_id)
     scales, layer = numpy_of(expert_scales), numpy_of(layer_id)  # views: what the kernel reads when it runs
@@ -486,3 +507,4 @@ def install() -> None:
         has_side_effect(torch.ops.npu.npu_attention_to_ffn.default)
         has_side_effect(torch.ops.npu.npu_ffn_to_attention.default)
         _libs.append(lib)
+    warm_kernels_in_background()

@@ -50,7 +50,7 @@ def add_context(address: int) -> None:
         _contexts[address] = memory.locate(address, field="schedule_context")
         if not _registered:
             _registered = True
-            atexit.register(_clear)
+            atexit.register(clear)
             sweep()
         _write()
 
@@ -61,7 +61,8 @@ def remove_context(address: int) -> None:
             _write()
 
 
-def _clear() -> None:
+def clear() -> None:
+    """This process's listing goes (at exit, or when a signal ends it)."""
     with _lock:
         _contexts.clear()
         _path().unlink(missing_ok=True)

@@ -24,6 +24,7 @@ CONSUMERS = {"npu_attention_worker_combine", "attention_worker_scheduler_", "att
 _events: deque = deque(maxlen=EVENT_CAP)
 _lock = threading.Lock()
 _registered = False
+_written = False
 
 
 def enabled() -> bool:
@@ -79,9 +80,11 @@ def part() -> dict:
 
 
 def write() -> None:
-    """At exit: this rank's part (under `afd npu`) or the whole trace (a process on its own)."""
-    if not _events:
+    """At exit: this rank's part (under `afd npu`) or the whole trace (a process on its own); once."""
+    global _written
+    if not _events or _written:
         return
+    _written = True
     parts_dir = os.environ.get(PARTS_ENV)
     try:
         if parts_dir:

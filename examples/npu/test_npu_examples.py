@@ -191,3 +191,22 @@ def test_ping_pong_on_two_streams_equals_the_reference(afd_torchrun, tmp_path, d
     for mb, (g, w) in enumerate(zip(got, want)):
         same = bf16(g).view(np.uint16) == w.view(np.uint16)
         assert same.all(), f"micro-batch {mb}: {int((~same).sum())} of {same.size} values differ"
+
+
+fd = load("fault_demo")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", list(fd.FAULTS))
+def test_each_fault_kind_ends_as_documented(kind, tmp_path, dev):
+    result = fd.run(kind, str(tmp_path))
+    assert fd.as_documented(kind, result), (kind, {r: v.exit_code for r, v in result.ranks.items()},
+                                            result.output[-3000:])
+    if kind == "kill":
+        assert result.seconds < 30  # the other rank did not wait for the 60 s stall bound
+    if kind in ("delay", "reorder"):
+        got = torch.load(tmp_path / "outputs.pt")
+        want = reference_round_trip(fd.SHAPE, dev)
+        same = [bool((bf16(g).view(np.uint16) == w.view(np.uint16)).all()) for g, w in zip(got, want)]
+        # a straggler changes nothing; flags before data make the second step's combine read stale data
+        assert same == ([True, True, True] if kind == "delay" else [True, False, True])
