@@ -70,7 +70,7 @@ def test_default_run_finishes_and_matches_the_reference(own_runs_root):
 def test_stop_with_nothing_running(capsys, own_runs_root):
     code, out, err = _cli(capsys, "stop")
     assert code == 1
-    assert err.strip() == "afd stop: no afd pipeline is running on this machine"
+    assert err.strip() == "afd stop: no afd pipeline and no torch job on the fake NPU is running on this machine"
 
 
 def test_stop_ignores_stale_run_directories(capsys, own_runs_root):
@@ -78,7 +78,7 @@ def test_stop_ignores_stale_run_directories(capsys, own_runs_root):
     dead.wait()
     _fake_run(own_runs_root, "deadbeef", "gone", dead.pid)
     code, _, err = _cli(capsys, "stop")
-    assert code == 1 and "no afd pipeline is running" in err
+    assert code == 1 and "no afd pipeline and no torch job" in err
 
 
 def test_stop_with_two_pipelines_lists_them(capsys, own_runs_root):

@@ -3,6 +3,8 @@
 Without --endpoint the one pipeline running on this machine is found through its run directory (afd.control.
 live_runs()); the run's token from run.json authenticates the request. Exit 0 when the controller acknowledged,
 1 when nothing is running or nothing answered, 2 when several pipelines run and --endpoint is needed.
+With no pipeline running (or --npu), the torch jobs on the fake NPU are stopped instead: run_flag = 0 in every
+schedule context they hold (found through afd.npu.registry), what their stop_schedule() would write.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ def add_parser(sub) -> None:
                                                    "or tcp://host:port (see the run's run.json)")
     p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
                    help="after the acknowledgement, wait this long for a local pipeline to exit (0: do not wait)")
+    p.add_argument("--npu", action="store_true",
+                   help="stop the torch jobs on the fake NPU (run_flag = 0 in every schedule context of theirs), "
+                        "even while a pipeline runs too")
     p.set_defaults(handler=main)
 
 
@@ -73,8 +78,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def stop_npu_jobs() -> int:
+    """run_flag = 0 in every schedule context of every torch job on the fake NPU on this machine."""
+    from ..npu import registry
+    jobs = registry.jobs()
+    if not jobs:
+        _err("no afd pipeline and no torch job on the fake NPU is running on this machine")
+        return EXIT_NOTHING
+    total = 0
+    for job in jobs:
+        n = registry.stop(job)
+        total += n
+        rank = f"rank {job['rank']}, " if job.get("rank") is not None else ""
+        print(f"afd stop: run_flag = 0 in {n} schedule context(s) of pid {job['pid']} ({rank}fake NPU)")
+    return EXIT_OK if total else EXIT_NOTHING
+
+
 def main(args) -> int:
     runs = control.live_runs()
+    if args.npu or (not runs and not args.endpoint):
+        return stop_npu_jobs()
     if args.endpoint:
         endpoint = args.endpoint
         run = next((r for r in runs if r.get("endpoint") == endpoint), None)

@@ -76,3 +76,10 @@ def _autoload() -> None:
     """torch's device-backend entry point: runs inside `import torch`; installs only when AFD_NPU=1 asks."""
     if os.environ.get(ENV, "") not in ("", "0"):
         install()
+
+
+if os.environ.get(ENV, "") not in ("", "0"):
+    # Under `afd npu`, `import torch` installs the fake (the entry point above). Importing torch here first, before
+    # any submodule, means a script that imports an afd.npu module before torch never has torch's import (and so
+    # install()) run while that submodule is half imported.
+    import torch  # noqa: F401,E402

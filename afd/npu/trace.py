@@ -145,7 +145,8 @@ def _flows(events, us) -> list[dict]:
     reads = defaultdict(list)  # (reader rank, kind, unit) -> [t ...]
     for r, e in sorted(events, key=lambda x: x[1]["t0"]):
         a, name = e["args"], e["name"]
-        at = (e["stream"], (e["t0"] + e["t1"]) // 2)  # a flow binds to the slice around its timestamp
+        # near the end of the slice: a write has landed, a consumer has seen it; a flow binds to the slice around it
+        at = (e["stream"], e["t1"] - min(1000, (e["t1"] - e["t0"]) // 2))
         if name == "npu_ffn_to_attention":
             for dst, mbs in (a.get("to") or {}).items():
                 for mb in mbs:
