@@ -370,6 +370,9 @@ def measure(quick: bool = False, progress=None) -> dict:
     step("tracing on vs off")
     from .trace import measure_overhead
     tracing = measure_overhead(quick=quick)
+    step("torch front-end (afd npu)")
+    from .npu import bench as npu_bench
+    npu = npu_bench.measure(quick=quick)
 
     rate = pipe["micro_batch_layers_per_s"]
     ratio_vs_queue = rate / queue["micro_batch_layers_per_s"] if queue["micro_batch_layers_per_s"] else 0.0
@@ -402,6 +405,9 @@ def measure(quick: bool = False, progress=None) -> dict:
         "ops": ops,
         "tracing": tracing,
         "tracing_overhead": tracing["overhead"],
+        "npu": npu,
+        "torch_combine_vs_numpy": (npu.get("combine") or {}).get("ratio"),
+        "npu_round_trips_per_s": (npu.get("round_trip") or {}).get("round_trips_per_s"),
     }
     result["targets"] = {
         "ratio_vs_queue": {"target": f">= {TARGET_RATIO_VS_QUEUE:g}x", "pass": ratio_vs_queue >= TARGET_RATIO_VS_QUEUE},
@@ -414,5 +420,7 @@ def measure(quick: bool = False, progress=None) -> dict:
                             "pass": ops["combine"].get("pass")},
         "scheduler_scan": {"target": f"<= {ops['scan']['target_us']:g} us", "pass": ops["scan"]["pass"]},
         "tracing_overhead": {"target": "<= 10%", "pass": tracing["overhead"] <= 0.10},
+        "torch_combine_vs_numpy": {"target": f"<= {npu_bench.TARGET_COMBINE_RATIO:g}x",
+                                   "pass": (npu.get("combine") or {}).get("pass")},
     }
     return result

@@ -8,13 +8,14 @@ import pytest
 NUMBERS = ("micro_batch_layers_per_s", "ratio_vs_queue", "fraction_of_copy_bound", "hop_latency_us_p50",
            "hop_latency_us_p99", "hop_latency_us_p50_spin", "hop_latency_us_p99_spin",
            "queue_micro_batch_layers_per_s", "copy_bound_micro_batch_layers_per_s",
-           "two_host_micro_batch_layers_per_s", "two_host_vs_one_host", "two_host_hop_latency_us_p50")
+           "two_host_micro_batch_layers_per_s", "two_host_vs_one_host", "two_host_hop_latency_us_p50",
+           "torch_combine_vs_numpy", "npu_round_trips_per_s")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_bench_quick_json_has_every_figure():
     proc = subprocess.run([sys.executable, "-m", "afd", "bench", "--quick", "--json"], capture_output=True, text=True,
-                          timeout=110)
+                          timeout=190)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for key in NUMBERS:
@@ -28,3 +29,5 @@ def test_bench_quick_json_has_every_figure():
         assert isinstance(result["targets"][name]["pass"], bool)
     ops = result["ops"]
     assert ops["scan"]["per_iteration_us"] > 0 and ops["combine"]["combine_ms"] > 0
+    assert result["npu"]["combine"]["same_output"] is True  # the torch front-end gave the operator's bits
+    assert isinstance(result["targets"]["torch_combine_vs_numpy"]["pass"], bool)

@@ -89,10 +89,31 @@ def tables(r: dict) -> list[Table]:
             ("combine_vs_read", f"{ops['combine']['ratio']:.2f}x ({ops['combine']['combine_ms']:.3f} ms vs "
                                 f"{ops['combine']['read_only_ms']:.3f} ms)" if "ratio" in ops["combine"] else "-"),
             ("tracing_overhead", f"{r['tracing_overhead']:.1%} (on {r['tracing']['rate_on']:.1f} vs off "
-                                 f"{r['tracing']['rate_off']:.1f} micro-batch layers/s)")]
+                                 f"{r['tracing']['rate_off']:.1f} micro-batch layers/s)"),
+            ("torch_combine_vs_numpy", _npu_combine(r.get("npu") or {}))]
     for name, measured in rows:
         tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
-    return [thr, hop, tgt]
+    tables_ = [thr, hop, tgt]
+    npu = r.get("npu") or {}
+    if "round_trip" in npu:
+        rt, c = npu["round_trip"], npu["combine"]
+        front = Table(title=f"torch front-end (afd npu): BS={c['bs']} K={c['k']}+1 H={c['hidden']} {c['dtype']}")
+        for col in ("figure", "measured", "beside it"):
+            front.add_column(col)
+        front.add_row("npu_attention_worker_combine + synchronize", f"{c['torch_ms']:.3f} ms",
+                      f"afd op on numpy views {c['numpy_ms']:.3f} ms ({c['ratio']:.2f}x; same output: "
+                      f"{'yes' if c['same_output'] else 'NO'})")
+        front.add_row("two-rank window round trip (torchrun)", f"{_f(rt['round_trips_per_s'])} /s",
+                      f"numpy pipeline {rate:.1f} micro-batch layers/s")
+        tables_.append(front)
+    return tables_
+
+
+def _npu_combine(npu: dict) -> str:
+    c = npu.get("combine")
+    if not c:
+        return npu.get("skipped", "-")
+    return f"{c['ratio']:.2f}x ({c['torch_ms']:.3f} ms vs {c['numpy_ms']:.3f} ms)"
 
 
 def main(args) -> int:

@@ -49,6 +49,8 @@ def parse_env(text: str | None = None) -> list[Fault]:
 def hooks() -> FaultHooks:
     """This rank's pending faults (parsed once)."""
     global _hooks
+    if _hooks is not None:
+        return _hooks
     with _lock:
         if _hooks is None:
             mine = [f for f in parse_env() if f.target == f"rank{rank()}"]
@@ -67,6 +69,8 @@ def reset() -> None:
 def next_call(op: str) -> tuple[int, int]:
     """At launch: (this rank's call index over every operator, the index among this operator's calls)."""
     global _t0
+    if not hooks().pending and not _trace_on():
+        return -1, -1  # nothing counts calls: not worth a lock per call
     with _lock:
         if _t0 is None:
             _t0 = time.monotonic()
@@ -74,6 +78,11 @@ def next_call(op: str) -> tuple[int, int]:
         mine = _calls.get(op, 0)
         _calls[""], _calls[op] = total + 1, mine + 1
         return total, mine
+
+
+def _trace_on() -> bool:
+    from .trace import enabled
+    return enabled()
 
 
 def before_op(op: str, call: tuple[int, int]) -> None:

@@ -90,7 +90,10 @@ class NpuMemory:
     malloc, free) so the operators and the schedule-context holder work on npu addresses unchanged."""
 
     def __init__(self):
-        self._lock = threading.RLock()
+        # Blocks are released from finalizers, which run wherever a tensor dies (inside this allocator too, when a
+        # collection runs): a release only queues the block; whoever holds the lock, or next takes it, frees it.
+        self._lock = threading.Lock()
+        self._pending: list[Block] = []
         self._segments: list[Segment] = []  # sorted by base
         self._bases: list[int] = []
         self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # pool -> sorted (size, start)
@@ -105,6 +108,7 @@ class NpuMemory:
         size = _round(nbytes)
         small = size <= SMALL_REQUEST and not own_segment
         with self._lock:
+            self._drain()
             block = None if own_segment else self._best_fit(small, size)
             if block is None:
                 if own_segment or size >= OWN_SEGMENT_FROM:
@@ -159,30 +163,41 @@ class NpuMemory:
 
     def release(self, block: Block) -> None:
         """The owner is gone: the block is cached (merged with free neighbours), its bytes left as they are."""
-        with self._lock:
-            if not block.live:
-                return
-            block.live = False
-            self.allocated -= block.size
-            if block.pinned:  # a window: its segment goes back to the system now
-                self._drop_segment(block.segment)
-                return
-            seg = block.segment
-            i = bisect.bisect_left(seg.starts, block.start)
-            nxt = seg.blocks.get(block.end)
-            if nxt is not None and not nxt.live:
-                self._uncache(nxt)
-                self._forget(nxt)
-                block.size += nxt.size
-            if i > 0:
-                prev = seg.blocks[seg.starts[i - 1]]
-                if not prev.live and prev.end == block.start:
-                    self._uncache(prev)
-                    self._forget(block)
-                    prev.size += block.size
-                    prev.warned = False
-                    block = prev
-            self._cache(block)
+        self._pending.append(block)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._release_now(self._pending.pop())
+
+    def _release_now(self, block: Block) -> None:
+        if not block.live:
+            return
+        block.live = False
+        self.allocated -= block.size
+        if block.pinned:  # a window: its segment goes back to the system now
+            self._drop_segment(block.segment)
+            return
+        seg = block.segment
+        i = bisect.bisect_left(seg.starts, block.start)
+        nxt = seg.blocks.get(block.end)
+        if nxt is not None and not nxt.live:
+            self._uncache(nxt)
+            self._forget(nxt)
+            block.size += nxt.size
+        if i > 0:
+            prev = seg.blocks[seg.starts[i - 1]]
+            if not prev.live and prev.end == block.start:
+                self._uncache(prev)
+                self._forget(block)
+                prev.size += block.size
+                prev.warned = False
+                block = prev
+        self._cache(block)
 
     def _forget(self, block: Block) -> None:
         seg = block.segment
@@ -203,6 +218,7 @@ class NpuMemory:
     def empty_cache(self) -> None:
         """Give wholly free segments back to the system (torch.npu.empty_cache)."""
         with self._lock:
+            self._drain()
             for seg in list(self._segments):
                 if all(not b.live for b in seg.blocks.values()):
                     self._drop_segment(seg)

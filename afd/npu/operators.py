@@ -99,6 +99,9 @@ def _need_npu(op: str, **named) -> None:
 
 
 def _context_tensor(op: str, t) -> None:
+    if type(t) is torch.Tensor and t.dtype is torch.int8 and t.dim() == 1 and t.device.type == "npu" and \
+            t.is_contiguous() and t.numel():
+        return  # the common case, in one test
     if t is None:
         raise NpuOpError(op, AclnnError("schedule_context", "must not be null", ACLNN_ERR_PARAM_NULLPTR))
     _need_npu(op, schedule_context=t)
@@ -163,7 +166,7 @@ def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = No
                 extra = out
         finally:
             watchdog.set_context()
-            trace.span(op, stream, t0, time.monotonic_ns(), call, {**(args or {}), **extra})
+            trace.span(op, stream, t0, time.monotonic_ns(), call, args, extra)
 
     if not waits and stream.idle():
         try:

@@ -17,6 +17,7 @@ from ..layout import RUN_FLAG_OFFSET
 
 _lock = threading.Lock()
 _contexts: dict[int, tuple[int, int]] = {}  # address -> (fd, offset)
+_gone: list[int] = []  # removals asked for by a finalizer (which may run while this module holds the lock)
 _registered = False
 
 
@@ -47,6 +48,7 @@ def add_context(address: int) -> None:
     global _registered
     from .memory import memory
     with _lock:
+        _apply_gone()
         _contexts[address] = memory.locate(address, field="schedule_context")
         if not _registered:
             _registered = True
@@ -56,9 +58,21 @@ def add_context(address: int) -> None:
 
 
 def remove_context(address: int) -> None:
-    with _lock:
-        if _contexts.pop(address, None) is not None:
-            _write()
+    """A holder went away: its context leaves the listing (now, or when the lock is next free)."""
+    _gone.append(address)
+    if _lock.acquire(blocking=False):
+        try:
+            _apply_gone()
+        finally:
+            _lock.release()
+
+
+def _apply_gone() -> None:
+    changed = False
+    while _gone:
+        changed |= _contexts.pop(_gone.pop(), None) is not None
+    if changed:
+        _write()
 
 
 def clear() -> None:

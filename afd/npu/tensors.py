@@ -8,6 +8,7 @@ kernel runs on CPU aliases of its npu arguments, so a write through any view is 
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 import torch
@@ -23,8 +24,16 @@ class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
 
 
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
 class _DLTensorHead(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice)]
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
+                ("dtype", _DLDataType)]
+
+
+KDL_BFLOAT = 4
 
 
 _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
@@ -37,6 +46,17 @@ def _retag(t: torch.Tensor, device_type: int, index: int) -> torch.Tensor:
     head = _DLTensorHead.from_address(_capsule_pointer(capsule, b"dltensor"))
     head.device.device_type, head.device.device_id = device_type, index
     return _dlpack.from_dlpack(capsule)
+
+
+def _npu_from_numpy(arr: np.ndarray, dtype: torch.dtype, index: int) -> torch.Tensor:
+    """An npu tensor over a numpy array's bytes in one DLPack import (bfloat16 from an int16 array): the array
+    stays alive, and its finalizer pending, as long as the tensor's storage."""
+    capsule = arr.__dlpack__()
+    head = _DLTensorHead.from_address(_capsule_pointer(capsule, b"dltensor"))
+    head.device.device_type, head.device.device_id = KDL_EXT_DEV, index
+    if dtype == torch.bfloat16:
+        head.dtype.code = KDL_BFLOAT
+    return torch._C._from_dlpack(capsule)
 
 
 def as_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -80,20 +100,30 @@ def npu_bytes(nbytes: int, index: int | None = None, own_segment: bool = False) 
     return as_npu(host_block(nbytes, own_segment), current_index() if index is None else int(index))
 
 
-def host_strided(size, stride, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor of this shape and strides over a fresh block (enough bytes for the largest offset)."""
+def _host_array(size, stride, dtype: torch.dtype) -> np.ndarray | None:
+    """A numpy array of this shape and strides over a fresh block (None for a dtype numpy cannot hold)."""
+    shaped = _FROM_NUMPY.get(dtype)
+    if shaped is None:
+        return None
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     count = 0 if 0 in size else 1 + sum((s - 1) * st for s, st in zip(size, stride))
     nbytes = count * itemsize(dtype)
+    block = memory.allocate(max(1, nbytes))
+    flat = memory.host_bytes(block, max(1, nbytes))[:nbytes].view(shaped)
     if stride == contiguous_strides(size):
-        shaped = _FROM_NUMPY.get(dtype)
-        if shaped is not None:  # one numpy reshape and one from_numpy: the cheapest way to a shaped tensor
-            block = memory.allocate(max(1, nbytes))
-            arr = memory.host_bytes(block, max(1, nbytes))[:nbytes].view(shaped).reshape(size)
-            t = torch.from_numpy(arr)
-            return t.view(dtype) if dtype == torch.bfloat16 else t
-        return host_block(nbytes).view(dtype).view(size)
-    return torch.as_strided(host_block(nbytes).view(dtype), size, stride)
+        return flat.reshape(size)
+    return np.lib.stride_tricks.as_strided(flat, size, tuple(st * flat.itemsize for st in stride))
+
+
+def host_strided(size, stride, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of this shape and strides over a fresh block (enough bytes for the largest offset)."""
+    arr = _host_array(size, stride, dtype)
+    if arr is not None:
+        t = torch.from_numpy(arr)
+        return t.view(dtype) if dtype == torch.bfloat16 else t
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    count = 0 if 0 in size else 1 + sum((s - 1) * st for s, st in zip(size, stride))
+    return torch.as_strided(host_block(count * itemsize(dtype)).view(dtype), size, stride)
 
 
 _FROM_NUMPY = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
@@ -103,7 +133,11 @@ _FROM_NUMPY = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float3
 
 def empty_strided(size, stride, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
     """torch.empty_strided on npu."""
-    return as_npu(host_strided(size, stride, dtype), current_index() if index is None else int(index))
+    index = current_index() if index is None else int(index)
+    arr = _host_array(size, stride, dtype)
+    if arr is not None:
+        return _npu_from_numpy(arr, dtype, index)
+    return as_npu(host_strided(size, stride, dtype), index)
 
 
 def contiguous_strides(size) -> tuple[int, ...]:
@@ -115,15 +149,27 @@ def contiguous_strides(size) -> tuple[int, ...]:
 
 
 def empty(size, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
-    """torch.empty on npu: contiguous."""
-    return empty_strided(size, contiguous_strides(size), dtype, index)
+    """torch.empty on npu: contiguous (the operators' outputs: the short way)."""
+    shaped = _FROM_NUMPY.get(dtype)
+    if shaped is None:
+        return empty_strided(size, contiguous_strides(size), dtype, index)
+    size = tuple(int(s) for s in size)
+    nbytes = math.prod(size) * itemsize(dtype)
+    block = memory.allocate(max(1, nbytes))
+    arr = memory.host_bytes(block, max(1, nbytes))[:nbytes].view(shaped).reshape(size)
+    return _npu_from_numpy(arr, dtype, current_index() if index is None else int(index))
 
 
 def to_npu_copy(r: torch.Tensor, index: int) -> torch.Tensor:
     """A new npu tensor with the values (and layout) of a CPU result."""
-    out = host_strided(r.shape, r.stride(), r.dtype)
-    out.copy_(r)
-    return as_npu(out, index)
+    arr = _host_array(r.shape, r.stride(), r.dtype)
+    if arr is None:
+        out = host_strided(r.shape, r.stride(), r.dtype)
+        out.copy_(r)
+        return as_npu(out, index)
+    cpu = torch.from_numpy(arr)
+    (cpu.view(r.dtype) if r.dtype == torch.bfloat16 else cpu).copy_(r)
+    return _npu_from_numpy(arr, r.dtype, index)
 
 
 _views: dict[tuple, np.ndarray] = {}

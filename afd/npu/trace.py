@@ -27,8 +27,15 @@ _registered = False
 _written = False
 
 
+_enabled: bool | None = None
+
+
 def enabled() -> bool:
-    return bool(os.environ.get(ENV) or os.environ.get(PARTS_ENV))
+    """Set for the whole process by its environment (read once: every operator call asks)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = bool(os.environ.get(ENV) or os.environ.get(PARTS_ENV))
+    return _enabled
 
 
 def _rank() -> int:
@@ -43,10 +50,11 @@ def _register() -> None:
         atexit.register(write)
 
 
-def span(op: str, stream, t0: int, t1: int, call: tuple[int, int], args: dict) -> None:
+def span(op: str, stream, t0: int, t1: int, call: tuple[int, int], args: dict | None, extra: dict | None = None):
     """One operator call on a stream."""
     if not enabled():
         return
+    args = {**(args or {}), **(extra or {})}
     with _lock:
         _register()
         _events.append({"name": op, "stream": int(stream.stream_id), "t0": t0, "t1": t1, "call": call[0],

@@ -92,9 +92,11 @@ def _explain(waiting):
 
 
 def policy() -> WaitPolicy:
-    """This thread's wait policy (state per wait, so one per thread)."""
+    """This thread's wait policy (state per wait, so one per thread; made again if the stall bound changed)."""
     p = getattr(_local, "policy", None)
-    if p is None or p.stall_ns != int(stall_timeout_s() * 1e9):
+    setting = os.environ.get(STALL_ENV, "")
+    if p is None or getattr(_local, "setting", None) != setting:
+        _local.setting = setting
         p = _local.policy = WaitPolicy(
             who(), spin_us=50.0, stall_timeout_s=stall_timeout_s(), service_interval_s=0.05, service=_service,
             stall_factor=lambda w: 2.0 if w.op in DOWNSTREAM_OPS or w.op.endswith("event wait") else 1.0,

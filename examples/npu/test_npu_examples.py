@@ -101,7 +101,6 @@ ROUND_TRIPS = {
     "BS256-K1=9-quant0": ["--bs", "256", "--topk", "8", "--quant-mode", "0", "--steps", "2"],
     "BS128-K1=9-quant2-active100": ["--bs", "128", "--topk", "8", "--quant-mode", "2", "--steps", "2",
                                     "--active", "100"],
-    "BS48-K1=7-quant0": ["--bs", "48", "--topk", "6", "--quant-mode", "0", "--steps", "2"],
 }
 
 

@@ -9,6 +9,7 @@ attention rank saves every step's combine output (outputs.pt) for a comparison w
 """
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--active", type=int, default=None, help="tokens of each step that are real (active_mask)")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true", help="no line per step")
     return p.parse_args(argv)
 
 
@@ -114,6 +116,8 @@ def main(argv=None):
         layer_id = torch.zeros(1, dtype=torch.int32, device=device)
         table = expert_rank_table(a).to(device)
         for step in range(a.steps):
+            if step == 1:
+                t_first = time.perf_counter()  # step 0 warms up; the rate is over the rest
             x, expert_ids, scales = make_inputs(a, step)
             active = a.bs if a.active is None else a.active
             active_mask = (torch.arange(a.bs) < active)[None].to(device)
@@ -127,8 +131,11 @@ def main(argv=None):
             torch.npu.synchronize()
             outputs.append(output[:active].cpu())
             flags = window[:4 * a.bs * k1].view(torch.int32)
-            print(f"attention step={step} next_layer_id={next_layer_id.item()} "
-                  f"flags_left={int(flags.sum().item())} y[0,:4]={output[0, :4].float().tolist()}")
+            if not a.quiet:
+                print(f"attention step={step} next_layer_id={next_layer_id.item()} "
+                      f"flags_left={int(flags.sum().item())} y[0,:4]={output[0, :4].float().tolist()}")
+        if a.steps > 1:
+            print(f"round_trips_per_s={(a.steps - 1) / (time.perf_counter() - t_first):.1f}")
     else:
         attn_rank_table = torch.tensor([ATTENTION_RANK], dtype=torch.int32, device=device)
         token_dtype = 2 if a.quant_mode == 2 else 1
@@ -143,7 +150,8 @@ def main(argv=None):
                 ffn_output, session_ids, micro_batch_ids, token_ids, expert_offsets, actual_token_num.reshape(-1),
                 group_name, WORLD_SIZE, [1, a.bs, k1], [1, a.bs, k1, a.hidden], attn_rank_table=attn_rank_table)
             torch.npu.synchronize()
-            print(f"ffn step={step} actual_token_num={actual}")
+            if not a.quiet:
+                print(f"ffn step={step} actual_token_num={actual}")
     dist.barrier(group=control_group)
     holder.stop_schedule()
     if a.out and rank == ATTENTION_RANK:
