@@ -99,28 +99,9 @@ def parse(spec: str, role_ids: list[str] | None = None, *, npu: bool = False) ->
         raise ConfigError(f"fault {spec!r}", f"{kind} targets an FFN rank (ffn<f>), not {target!r}")
     if kind in ("hang", "delay", "drop-flag", "reorder", "corrupt") and target == "controller":
         raise ConfigError(f"fault {spec!r}", f"{kind} cannot target the controller")
-    values: dict = {}
-    params: dict = {}
-    if when:
-        for part in when.split(","):
-            key, sep, value = part.partition("=")
-            key = key.strip()
-            if not sep:
-                raise ConfigError(f"fault {spec!r}", f"WHEN part {part!r} must be key=value")
-            if key in WHEN_KEYS:
-                try:
-                    values[key] = float(value) if key == "t" else int(value)
-                except ValueError:
-                    raise ConfigError(f"fault {spec!r}", f"{key} must be a number, got {value!r}") from None
-                if values[key] < 0:
-                    raise ConfigError(f"fault {spec!r}", f"{key} must be >= 0")
-            elif key in PARAM_KEYS.get(kind, ()):
-                params[key] = value
-            else:
-                allowed = list(WHEN_KEYS) + sorted(PARAM_KEYS.get(kind, ()))
-                raise ConfigError(f"fault {spec!r}", f"unknown WHEN key {key!r}; use {', '.join(allowed)}")
-        if "t" in values and len(values) > 1:
-            raise ConfigError(f"fault {spec!r}", "t=SECONDS cannot be combined with step/layer/mb")
+    values, params = _when(spec, when, WHEN_KEYS, PARAM_KEYS.get(kind, set()))
+    if "t" in values and len(values) > 1:
+        raise ConfigError(f"fault {spec!r}", "t=SECONDS cannot be combined with step/layer/mb")
     if kind == "corrupt":
         area = "ffn" if target.startswith("ffn") else "attention"
         params.setdefault("field", CORRUPT_FIELDS[area][0])
@@ -128,6 +109,30 @@ def parse(spec: str, role_ids: list[str] | None = None, *, npu: bool = False) ->
             raise ConfigError(f"fault {spec!r}", f"field must be one of {', '.join(CORRUPT_FIELDS[area])} for {target}")
     _kind_params(spec, kind, params)
     return Fault(kind, target, values.get("step"), values.get("layer"), values.get("mb"), values.get("t"), params)
+
+
+def _when(spec: str, when: str, when_keys: tuple, param_keys: set) -> tuple[dict, dict]:
+    """The `key=value,...` after @: (points: numbers >= 0 for `when_keys`, params: strings for `param_keys`)."""
+    values: dict = {}
+    params: dict = {}
+    for part in filter(None, when.split(",")):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"fault {spec!r}", f"WHEN part {part!r} must be key=value")
+        if key in when_keys:
+            try:
+                values[key] = float(value) if key == "t" else int(value)
+            except ValueError:
+                raise ConfigError(f"fault {spec!r}", f"{key} must be a number, got {value!r}") from None
+            if values[key] < 0:
+                raise ConfigError(f"fault {spec!r}", f"{key} must be >= 0")
+        elif key in param_keys:
+            params[key] = value.strip()
+        else:
+            allowed = list(when_keys) + sorted(param_keys)
+            raise ConfigError(f"fault {spec!r}", f"unknown WHEN key {key!r}; use {', '.join(allowed)}")
+    return values, params
 
 
 def _kind_params(spec: str, kind: str, params: dict) -> None:
@@ -153,25 +158,7 @@ def _kind_params(spec: str, kind: str, params: dict) -> None:
 def _parse_npu(spec: str, kind: str, target: str, when: str) -> Fault:
     if not (target.startswith("rank") and target[4:].isdigit()):
         raise ConfigError(f"fault {spec!r}", f"target must be rank<N> (a torchrun rank), got {target!r}")
-    values: dict = {}
-    params: dict = {}
-    allowed = list(NPU_WHEN_KEYS) + ["op"] + sorted(PARAM_KEYS.get(kind, ()))
-    for part in filter(None, when.split(",")):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ConfigError(f"fault {spec!r}", f"WHEN part {part!r} must be key=value")
-        if key in NPU_WHEN_KEYS:
-            try:
-                values[key] = float(value) if key == "t" else int(value)
-            except ValueError:
-                raise ConfigError(f"fault {spec!r}", f"{key} must be a number, got {value!r}") from None
-            if values[key] < 0:
-                raise ConfigError(f"fault {spec!r}", f"{key} must be >= 0")
-        elif key == "op" or key in PARAM_KEYS.get(kind, ()):
-            params[key] = value.strip()
-        else:
-            raise ConfigError(f"fault {spec!r}", f"unknown WHEN key {key!r}; use {', '.join(allowed)}")
+    values, params = _when(spec, when, NPU_WHEN_KEYS, PARAM_KEYS.get(kind, set()) | {"op"})
     if "t" in values and "call" in values:
         raise ConfigError(f"fault {spec!r}", "t=SECONDS cannot be combined with call=N")
     if kind == "corrupt":

@@ -79,3 +79,9 @@ def test_cpu_and_npu_results_are_bit_identical():
     want = (a.float() * b.float()).sum(dim=0).to(torch.bfloat16)
     got = (a.npu().float() * b.npu().float()).sum(dim=0).to(torch.bfloat16).cpu()
     assert got.view(torch.int16).equal(want.view(torch.int16))
+
+
+def test_autograd_through_npu_tensors():
+    x = torch.ones(3, device="npu", requires_grad=True)
+    ((x * 2).sum()).backward()
+    assert x.grad.device.type == "npu" and x.grad.tolist() == [2.0, 2.0, 2.0]
