@@ -124,8 +124,6 @@ def _hop_writer(ctx, flags: np.ndarray, ctl: np.ndarray, n: int, doorbell_endpoi
     store, then ring the scheduler's doorbell (what ffn_to_attention + the role's ring do)."""
     import zmq
 
-    from . import control
-
     from .runtime import doorbell
 
     zctx = zmq.Context()

@@ -31,7 +31,7 @@ def install() -> None:
         if _done:
             return
         try:
-            import torch
+            import torch  # noqa: F401 (needed below through the submodules)
         except ImportError:
             raise NpuInstallError("afd.npu needs torch (CPU): pip install 'afd-sim[npu]'") from None
         from torch.utils.backend_registration import _get_privateuse1_backend_name

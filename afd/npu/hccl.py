@@ -18,7 +18,6 @@ import json
 import mmap
 import os
 import socket
-import threading
 import time
 import uuid
 from datetime import timedelta

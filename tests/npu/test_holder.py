@@ -88,7 +88,7 @@ def test_the_ffn_side_initialises_its_records():
 def test_torch_npus_attention_worker_scheduler_example_as_written():
     window_size = 209715200
     attn_window_tensor = torch.zeros([window_size], dtype=torch.int8).npu()
-    attn_workers, micro_batch_number, batch_size, top_k, hidden_size, expert_num = 144, 3, 30, 8, 7168, 288
+    attn_workers, micro_batch_number, batch_size, top_k, hidden_size, expert_num = 144, 3, 30, 8, 7168, 288  # noqa: F841
     attn_to_ffn_token_size = (7168 + 4 + 511) // 512 * 512
     ffn_to_attn_token_size = 7168 * 2
     attn_window = attn_window_tensor.data_ptr()
@@ -111,7 +111,7 @@ def test_torch_npus_attention_worker_scheduler_example_as_written():
 def test_torch_npus_ffn_worker_scheduler_example_as_written():
     window_size = 209715200
     ffn_window_tensor = torch.zeros([window_size], dtype=torch.int8).npu()
-    attn_workers, micro_batch_number, batch_size, top_k, hidden_size, expert_num = 2, 3, 6, 8, 7168, 288
+    attn_workers, micro_batch_number, batch_size, top_k, hidden_size, expert_num = 2, 3, 6, 8, 7168, 288  # noqa: F841
     attn_to_ffn_token_size = (7168 + 4 + 511) // 512 * 512
     ffn_to_attn_token_size = 7168 * 2
     ffn_window = ffn_window_tensor.data_ptr()
