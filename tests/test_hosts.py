@@ -100,7 +100,9 @@ CASES = [("kill:ffn0@step=1", "ffn0"), ("kill:attn0@step=1,mb=1", "attn0"), ("st
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("spec,role", CASES, ids=[c[0] for c in CASES])
 def test_faults_across_hosts_end_as_documented(spec, role):
-    result, _ = run(TWO_HOSTS, [spec])
+    # Long enough that the fault always lands first: across hosts the controller learns the step from heartbeats,
+    # and a 3-step run could complete before the one that says step 1 arrived.
+    result, _ = run({**TWO_HOSTS, "steps": 100}, [spec])
     kind = spec.split(":")[0]
     outcome, code, failure_kind = DOCUMENTED[kind]
     assert (result.outcome, result.exit_code) == (outcome, code), (result.reason, result.failure)
