@@ -154,7 +154,7 @@ def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = No
 
     def task():
         faults.before_op(op, call)
-        watchdog.set_context(explain, owed_by())
+        watchdog.set_context(explain, owed_by)
         t0 = time.monotonic_ns()
         extra = {}
         try:
@@ -243,17 +243,15 @@ def npu_attention_worker_combine(schedule_context, expert_scales, layer_id, hidd
     scales, layer = numpy_of(expert_scales), numpy_of(layer_id)  # views: what the kernel reads when it runs
     _host_check(op, check_attention_worker_combine_host, schedule_context, scales, layer, hidden_size, token_dtype,
                 need_schedule)
-    index = schedule_context.device.index
-    y = tensors.empty((expert_scales.shape[0], int(hidden_size)), torch.bfloat16 if token_dtype == 1 else torch.float16,
-                      index)
-    next_layer_id = tensors.empty((layer_id.shape[0],), torch.int32, index)
+    (y, next_layer_id), (out_y, out_next) = tensors.empty_together(
+        [(expert_scales.shape[0], int(hidden_size)), (layer_id.shape[0],)],
+        [torch.bfloat16 if token_dtype == 1 else torch.float16, torch.int32], schedule_context.device.index)
 
     def kernel():
         ctx = _context(schedule_context)
-        out_y, out_next = numpy_of(y), numpy_of(next_layer_id)
         try:
             _, nxt = attention_worker_combine(ctx, scales, layer, hidden_size, token_dtype, need_schedule,
-                                              idle=_policy(), out=out_y)
+                                              idle=_policy(), out=out_y, host_checked=True)
         except _polling.Stopped:  # run_flag = 0 while waiting: OK, nothing reset (the real kernel has no exit)
             out_y[...] = 0
             out_next[...] = layer[:out_next.size] + 1

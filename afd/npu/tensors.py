@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _dlpack
 
-from .memory import memory
+from .memory import ROUND, memory
 
 KDL_CPU = 1
 KDL_EXT_DEV = 12  # torch maps kDLExtDev to PrivateUse1 (renamed "npu")
@@ -158,6 +158,24 @@ def empty(size, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
     block = memory.allocate(max(1, nbytes))
     arr = memory.host_bytes(block, max(1, nbytes))[:nbytes].view(shaped).reshape(size)
     return _npu_from_numpy(arr, dtype, current_index() if index is None else int(index))
+
+
+def empty_together(shapes, dtypes, index: int | None = None) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Contiguous npu tensors carved from one block (512-byte aligned each), and numpy arrays over the same bytes:
+    one allocation and one release for an operator's outputs. The block goes back to the allocator when the last
+    of them dies."""
+    index = current_index() if index is None else int(index)
+    sizes = [tuple(int(s) for s in shape) for shape in shapes]
+    nbytes = [math.prod(size) * itemsize(dtype) for size, dtype in zip(sizes, dtypes)]
+    offsets, total = [], 0
+    for n in nbytes:
+        offsets.append(total)
+        total += max(ROUND, (n + ROUND - 1) // ROUND * ROUND)
+    base = memory.host_bytes(memory.allocate(total), total)
+    arrays = [base[o:o + n].view(_FROM_NUMPY[dtype]).reshape(size)
+              for o, n, size, dtype in zip(offsets, nbytes, sizes, dtypes)]
+    return [_npu_from_numpy(a, d, index) for a, d in zip(arrays, dtypes)], \
+        [a.view(_np_dtype(d)) if d == torch.bfloat16 else a for a, d in zip(arrays, dtypes)]
 
 
 def to_npu_copy(r: torch.Tensor, index: int) -> torch.Tensor:

@@ -73,15 +73,23 @@ def alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def set_context(explain=None, owed_by=()) -> None:
-    """What the operator about to wait on this thread can say about a stall: explain(waiting) -> details, and the
-    (rank, pid) pairs that owe what it waits for."""
-    _local.explain, _local.owed_by = explain, tuple(owed_by)
+def set_context(explain=None, owed_by=None) -> None:
+    """What the operator about to wait on this thread can say about a stall: explain(waiting) -> details, and
+    owed_by() -> the (rank, pid) pairs that owe what it waits for (asked only once it waits)."""
+    _local.explain, _local.owed_by, _local.owed = explain, owed_by, None
+
+
+def _owed() -> tuple:
+    owed = getattr(_local, "owed", None)
+    if owed is None:
+        fn = getattr(_local, "owed_by", None)
+        owed = _local.owed = tuple(fn()) if fn is not None else ()
+    return owed
 
 
 def _service(_now: int) -> None:
     check_parent()
-    for rank, pid in getattr(_local, "owed_by", ()):
+    for rank, pid in _owed():
         if pid and not alive(pid):
             raise PeerGone(f"rank {rank}", f"(pid {pid}) is dead; the flags it owes will never arrive")
 

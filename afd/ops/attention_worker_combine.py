@@ -143,11 +143,13 @@ def check_attention_worker_combine_host(schedule_context, expert_scales, layer_i
 
 def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_size: int, token_dtype: int = 0,
                              need_schedule: int = 0, *, idle: Idle = sched_yield,
-                             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                             out: np.ndarray | None = None,
+                             host_checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Combine one micro-batch's returned expert slots into y (BS, H); returns (y, next_layer_id = layer_id + 1).
 
     BS and K come from expert_scales (pitfall S7: the micro-batch base offset uses that BS too) and the slot
-    stride is hidden_size elements; y is written into `out` when given (the torch front-end's output tensor).
+    stride is hidden_size elements; y is written into `out` when given (the torch front-end's output tensor,
+    which has run the host checks itself: host_checked=True).
     need_schedule=0 reads micro-batch attention.micro_batch_id and touches no
     flag. need_schedule=1 polls the flags of the first BS tokens of (micro_batch_id + 1) % M until every one is
     exactly 1, combines, zeroes those flags and sets micro_batch_id.
@@ -157,7 +159,11 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
     exit, the kernel never looks at run_flag; here a scan that is not ready re-reads run_flag and raises
     Stopped when it is 0, and `idle(waiting)` runs between scans (it may raise too).
     """
-    scales, lid = check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size, token_dtype, need_schedule)
+    if host_checked:  # the caller ran check_attention_worker_combine_host on these very arrays already
+        scales, lid = np.ascontiguousarray(expert_scales), int(np.asarray(layer_id).reshape(-1)[0])
+    else:
+        scales, lid = check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size,
+                                                          token_dtype, need_schedule)
     ctx = as_context(schedule_context)
     bs, k = scales.shape
     k1, h = k + 1, int(hidden_size)
