@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, \
     model_validator
 
+from .inputs import CONFIG_CAP, InputError, read_text
 from .errors import ConfigError
 from .layout import AttentionWindowLayout, FfnOutLayout, FfnWindowLayout, align512
 
@@ -312,9 +313,10 @@ def load_dict(source: str | os.PathLike | dict | Config | None) -> dict:
         return dict(source)
     path = Path(source)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"config file {path}", f"cannot be read ({exc.strerror})") from None
+        text = read_text(path, CONFIG_CAP, "a config")  # capped: a FIFO, /dev/zero or a binary is one line
+    except InputError as exc:
+        rule = exc.rule.replace("cannot read a config: ", "")
+        raise ConfigError(f"config file {path}", f"cannot be read ({rule})" if exc.rule != rule else rule) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -98,3 +98,31 @@ def test_bad_input_in_a_real_process(argv):
     proc = subprocess.run([sys.executable, "-m", "afd", *argv], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    import os
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("argv, words", [
+    (["context", "decode", "/dev/zero"], "must be exactly 1024 bytes, got more than 1024"),
+    (["context", "decode", "{fifo}"], "must be exactly 1024 bytes, got 0"),
+    (["run", "/dev/zero"], "a config must be at most 4194304 bytes"),
+    (["run", "{binary}"], "a config is not UTF-8 text (byte 0xff at offset 4)"),
+    (["context", "encode", "{binary}", "-o", "{out}"], "the fields file is not UTF-8 text"),
+    (["run", "--fault", "delay:ffn0@step=1,ms=-5"], "ms must be >= 0, got -5"),
+], ids=["decode-dev-zero", "decode-fifo", "config-dev-zero", "config-binary", "fields-binary", "negative-delay"])
+def test_files_that_are_not_what_they_should_be_are_one_line_within_a_second(argv, words, fifo, tmp_path, capsys):
+    import time
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"a: 1\xff\xfe\x00")
+    argv = [a.format(fifo=fifo, binary=binary, out=tmp_path / "o.bin") for a in argv]
+    t0 = time.monotonic()
+    err = _run_in_process(argv, capsys)
+    assert time.monotonic() - t0 < 2.0
+    assert words in err

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..inputs import CONFIG_CAP, read_capped, read_text
 from ..errors import AfdError
 from ..layout import AREAS, CONTEXT_SIZE, SCHEDULE_CONTEXT_DTYPE, ScheduleContext, field_offsets
 
@@ -32,17 +33,17 @@ def _is_address(name: str) -> bool:
     return name.endswith("_buf")  # token_info_buf, layer_ids_buf, ...: device addresses; *_buf_size are not
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise AfdError(path, f"cannot read {what}: {exc.strerror or exc}") from None
+def _read(path: str, what: str, cap: int) -> bytes:
+    return read_capped(path, cap, what)  # at most cap + 1 bytes: /dev/zero or a FIFO is an error, not a hang
 
 
 def decode(args: argparse.Namespace) -> int:
-    data = _read(args.file, "the context dump")
+    data = _read(args.file, "the context dump", CONTEXT_SIZE)
     if len(data) != CONTEXT_SIZE:
-        raise AfdError(args.file, f"a context dump must be exactly {CONTEXT_SIZE} bytes, got {len(data)}")
+        got = str(len(data))
+        if len(data) > CONTEXT_SIZE:  # read only this far: a regular file's size says the rest, a device's cannot
+            got = str(os.path.getsize(args.file)) if os.path.isfile(args.file) else f"more than {CONTEXT_SIZE}"
+        raise AfdError(args.file, f"a context dump must be exactly {CONTEXT_SIZE} bytes, got {got}")
     fields = ScheduleContext.from_bytes(data).as_dict()
     if args.json:
         text = json.dumps(fields, indent=2)
@@ -105,11 +106,9 @@ def _flatten(obj) -> dict[str, int]:
 
 
 def encode(args: argparse.Namespace) -> int:
-    text = _read(args.fields, "the fields file")
+    text = read_text(args.fields, CONFIG_CAP, "the fields file")
     try:
         obj = json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise AfdError(args.fields, f"is not UTF-8 text: {exc.reason}") from None
     except json.JSONDecodeError as exc:
         raise AfdError(args.fields, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     ctx = ScheduleContext()
