@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from ..errors import AfdError
 
@@ -50,15 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StoppedEarly(Exception):
+    """SIGTERM or SIGHUP before a run existed: nothing to stop or clean up."""
+
+
+def _stop_early(signum, frame):
+    raise _StoppedEarly(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main and argv is None:  # the command itself (not a test calling main()): a run catches its own later
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop_early)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)
     except AfdError as exc:
         print(f"afd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except _StoppedEarly as exc:
+        print(f"afd: stopped by {exc} before anything started", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

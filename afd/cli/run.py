@@ -66,6 +66,14 @@ def summary_table(result) -> Table:
     return table
 
 
+def _hold_signals() -> None:
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def main(args) -> int:
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -89,6 +97,7 @@ def main(args) -> int:
                 result = pipeline.wait()
         else:
             result = pipeline.wait()
+    _hold_signals()  # the run is over: what is left is writing what it found, which a late SIGTERM must not cut
     if args.report:
         write_report(result, args.report, args.log)
     elif args.log:

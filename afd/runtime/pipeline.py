@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import sys
 import time
 from multiprocessing.connection import wait as wait_sentinels
@@ -35,7 +36,7 @@ def _role_entry(role_id: str, config_json: str, plan: dict | None, endpoint: str
     from ..roles import ROLE_MODULES, split_role
     from .role import RoleRuntime, run_role
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops through run_flag
+    _ignore_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP go to the launcher, which stops everyone through run_flag
     cfg = Config.model_validate_json(config_json)
     if cfg.strict:  # the ops' hardware limits follow the run's strict mode
         from ..ops import set_strict
@@ -52,8 +53,42 @@ def _controller_entry(config_json: str, plan: dict, endpoint: str, pub_endpoint:
 
     from ..roles import controller
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_stop_signals()
     sys.exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _ignore_stop_signals() -> None:
+    """In a spawned child: ignore them, then take them off the mask it was born with (blocked_stop_signals)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class blocked_stop_signals:
+    """Children are started with the stop signals blocked: a signal sent to the whole process group (`timeout`,
+    a terminal) while a child is still importing must not kill it before it can ignore them; the launcher,
+    which gets the same signal, stops everyone through run_flag."""
+
+    def __enter__(self):
+        # multiprocess starts its resource tracker on the first spawn and then *unblocks* SIGINT and SIGTERM
+        # (not restoring the mask it found): start it before blocking, so that cannot undo the block.
+        from multiprocess import resource_tracker
+        resource_tracker.ensure_running()
+        self.before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.before)  # a signal that came meanwhile is delivered now
+
+
+class Signalled(Exception):
+    """SIGTERM or SIGHUP reached the launcher: the run stops as Ctrl-C stops it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signal.Signals(signum).name}")
 
 
 # The reaper: a tiny process holding the read end of a pipe from the launcher. When the pipe closes (the
@@ -95,9 +130,34 @@ class Pipeline:
         self._controller_result: dict | None = None
         self._died: dict[str, int] = {}
         self._started = None
+        self._signalled: int | None = None  # a SIGTERM / SIGHUP that came in; the wait turns it into a stop
+        self._waiting = False
+        self._old_handlers: dict = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
+    def _catch_signals(self) -> None:
+        """SIGTERM and SIGHUP (what timeout, docker stop, systemd and a cancelled CI job send) stop the run as
+        Ctrl-C does: the report is written and everything is removed. Only the main thread can take signals."""
+        if threading.current_thread() is not threading.main_thread() or self._old_handlers:
+            return
+
+        def handler(signum, frame):
+            if self._signalled is None:
+                self._signalled = signum
+                if self._waiting:
+                    raise Signalled(signum)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signals(self) -> None:
+        if self._signalled is not None:  # asked to end: the caller still writes the report; later signals stay ignored
+            return
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers = {}
+
     def start(self) -> "Pipeline":
+        self._catch_signals()
         if self.cfg.multi_host:
             return self._start_hosts()
         cfg = self.cfg
@@ -108,9 +168,10 @@ class Pipeline:
             self.run_dir = control.make_run_dir(namespace)
             import subprocess
             from ..device import SHM_DIR
-            self._reaper = subprocess.Popen([sys.executable, "-S", "-c", _REAPER, SHM_DIR, namespace,
-                                             str(self.run_dir)], stdin=subprocess.PIPE,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with blocked_stop_signals():  # (the reaper keeps them blocked: only its pipe's end ends it)
+                self._reaper = subprocess.Popen([sys.executable, "-S", "-c", _REAPER, SHM_DIR, namespace,
+                                                 str(self.run_dir)], stdin=subprocess.PIPE,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             endpoint, pub = self._endpoints()
             self.endpoint = endpoint
             if cfg.control.transport == "tcp":  # TCP is reachable by others: encrypt and authenticate
@@ -137,7 +198,8 @@ class Pipeline:
             else:
                 target, args = _role_entry, role_args(role, cfg_json)
             proc = spawn.Process(target=target, args=args, name=role, daemon=False)
-            proc.start()
+            with blocked_stop_signals():
+                proc.start()
             self.processes[role] = proc
         self.pids = {r: p.pid for r, p in self.processes.items()}
 
@@ -228,7 +290,10 @@ class Pipeline:
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = zmq.Poller()
         poller.register(self.dealer, zmq.POLLIN)
+        self._waiting = True
         try:
+            if self._signalled is not None:  # it came during the start-up
+                raise Signalled(self._signalled)
             while self._controller_result is None:
                 if deadline is not None and time.monotonic() > deadline:
                     self.stop(f"wait timeout {timeout}s")
@@ -241,10 +306,20 @@ class Pipeline:
                 if "controller" in self._died and self._controller_result is None:
                     self._late_result(poller)
                     break
-        except KeyboardInterrupt:
-            self.stop("interrupted (Ctrl-C)")
+        except (KeyboardInterrupt, Signalled) as exc:
+            self._waiting = False  # a second signal now does not cut the clean-up short
+            self._ignore_while_stopping()
+            self.stop("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc))
             self._await_result(3.0, poller)
+        finally:
+            self._waiting = False
         return self._conclude()
+
+    def _ignore_while_stopping(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                old = signal.signal(sig, signal.SIG_IGN)
+                self._old_handlers.setdefault(sig, old)
 
     def _late_result(self, poller) -> None:
         """A controller that exited 0 sent its result just before: give the message a moment to arrive."""
@@ -318,14 +393,26 @@ class Pipeline:
                                    exit_codes, time.monotonic() - self._started, self.faults)
         return self.result
 
-    def _reap(self, grace: float) -> None:
+    def _reap(self, grace: float, joining_grace: float = 10.0) -> None:
+        """Wait for the processes to exit, then kill what is left. A role that never attached to the run (still
+        loading its kernels when the stop came: it cannot hear a stop yet) gets longer: once it attaches it sees
+        run_flag = 0 and leaves by itself."""
         end = time.monotonic() + grace
         for proc in self.processes.values():
             proc.join(max(0.0, end - time.monotonic()))
+        late = [r for r, p in self.processes.items() if p.is_alive() and not self._attached(r)]
+        end = time.monotonic() + joining_grace
+        for role in late:
+            self.processes[role].join(max(0.0, end - time.monotonic()))
         for proc in self.processes.values():
             if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
+
+    def _attached(self, role: str) -> bool:
+        if self.mem is None or role not in self.mem.role_index:
+            return True  # (across hosts the launcher has no status table: no longer grace)
+        return int(self.mem.status()[self.mem.role_index[role]][STATUS["state"]]) != 0
 
     def close(self) -> None:
         """Stop and remove everything of the run: processes, segments, sockets, run directory."""
@@ -353,6 +440,7 @@ class Pipeline:
             sweep(namespace)
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._restore_signals()
         reaper = getattr(self, "_reaper", None)
         if reaper is not None:
             reaper.stdin.close()  # everything is already removed; the reaper checks once more and exits
