@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -42,10 +44,19 @@ def _documented(fault, result) -> bool:
     return True
 
 
-def run_one(config, fault) -> CampaignRun:
+class CampaignRuns(list):
+    """The runs of a campaign; `interrupted` names the signal that cut it short (the run it cut is not among them)."""
+
+    interrupted: str | None = None
+
+
+def run_one(config, fault) -> CampaignRun | None:
+    """One run with one fault; None when SIGTERM / SIGHUP stopped it (its outcome says nothing about the fault)."""
     pipeline = Pipeline(config, faults=[fault])
     with pipeline:
         result = pipeline.wait(timeout=120)
+    if pipeline.signalled:
+        return None
     pids = list(pipeline.pids.values())
     alive = 0
     for pid in pids:
@@ -63,18 +74,41 @@ def run_one(config, fault) -> CampaignRun:
 
 
 def campaign(config=None, runs: int = 20, seed: int = 0, overrides: list[str] | None = None,
-             on_run=None) -> list[CampaignRun]:
+             on_run=None) -> CampaignRuns:
+    """`runs` runs with a random fault each. A SIGTERM or SIGHUP (between runs or during one) ends the campaign
+    after cleaning up the run in progress: the runs so far are returned, `interrupted` set."""
     cfg = config_mod.load(config, overrides)
     rng = random.Random(seed)
-    out = []
-    for i in range(runs):
-        fault = random_fault(rng, cfg)
-        t0 = time.monotonic()
-        run = run_one(cfg, fault)
-        out.append(run)
-        if on_run:
-            on_run(i, run, time.monotonic() - t0)
+    out = CampaignRuns()
+    caught: list[int] = []
+    old = _catch(caught)
+    try:
+        for i in range(runs):
+            if caught:
+                break
+            fault = random_fault(rng, cfg)
+            t0 = time.monotonic()
+            run = run_one(cfg, fault)
+            if run is None:
+                caught.append(signal.SIGTERM if not caught else caught[0])
+                break
+            out.append(run)
+            if on_run:
+                on_run(i, run, time.monotonic() - t0)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if not caught else signal.SIG_IGN)  # asked to end: the table still prints
+    if caught:
+        out.interrupted = signal.Signals(caught[0]).name
     return out
+
+
+def _catch(caught: list) -> dict:
+    """Between runs a stop signal is noted (each run's Pipeline takes the signals while it runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+            for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def summarize(runs: list[CampaignRun]) -> list[dict]:

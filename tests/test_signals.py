@@ -81,3 +81,21 @@ def test_timeout_signals_the_whole_process_group_and_nothing_is_left(tmp_path, r
     assert all(v["exit_code"] == 0 for v in r["roles"].values())  # roles got it too and kept going until the stop
     assert not list(runs_root.glob("*/run.json"))
     assert device.list_segments(r.get("namespace")) == [] if r.get("namespace") else True
+
+
+@pytest.mark.timeout(120)
+def test_a_campaign_stopped_by_sigterm_prints_its_partial_table(tmp_path, runs_root):
+    proc = subprocess.Popen([sys.executable, "-m", "afd", "faults", "campaign", "--runs", "50", "--seed", "5",
+                             "--set", "steps=3", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(runs_root.glob("*/run.json")):
+        time.sleep(0.05)
+    time.sleep(4.0)  # a run or two done, one in flight
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 1), err
+    report = json.loads(out)
+    assert report["interrupted"] == "SIGTERM"
+    assert 0 < len(report["runs"]) < 50 and sum(r["runs"] for r in report["rows"]) == len(report["runs"])
+    assert not list(runs_root.glob("*/run.json"))  # the run in flight was cleaned up too
+    assert all(r["leftover_processes"] == 0 and r["leftover_segments"] == 0 for r in report["runs"])

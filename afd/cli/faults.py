@@ -34,9 +34,13 @@ def main(args) -> int:
                                                      f" {s:.1f}s"))
     rows = summarize(runs)
     if args.json:
-        print(json.dumps({"rows": rows, "runs": [r.__dict__ for r in runs]}, indent=1))
+        print(json.dumps({"rows": rows, "runs": [r.__dict__ for r in runs], "interrupted": runs.interrupted},
+                         indent=1))
     else:
-        table = Table(title=f"fault campaign: {args.runs} runs, seed {args.seed}")
+        title = f"fault campaign: {args.runs} runs, seed {args.seed}"
+        if runs.interrupted:
+            title = f"fault campaign: {len(runs)} of {args.runs} runs (stopped by {runs.interrupted}), seed {args.seed}"
+        table = Table(title=title)
         for col in ("kind", "runs", "as documented", "detect p50", "detect p99", "leftover procs", "leftover segs",
                     "wrong before fault"):
             table.add_column(col, justify="right" if col != "kind" else "left")

@@ -135,6 +135,11 @@ class Pipeline:
         self._old_handlers: dict = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def signalled(self) -> str | None:
+        """The name of the SIGTERM / SIGHUP that stopped this run, if one did."""
+        return None if self._signalled is None else signal.Signals(self._signalled).name
+
     def _catch_signals(self) -> None:
         """SIGTERM and SIGHUP (what timeout, docker stop, systemd and a cancelled CI job send) stop the run as
         Ctrl-C does: the report is written and everything is removed. Only the main thread can take signals."""
