@@ -12,6 +12,7 @@ import mmap
 import os
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,13 @@ SEGMENT_SPAN = 1 << 36  # 64 GiB of address space per allocation
 
 # Namespaces this process allocated in: lets a test harness check its own leaks without touching other runs'.
 created_namespaces: set[str] = set()
+# Devices that own segments: whatever they still own is unlinked when the process ends (afd.exit_cleanup).
+_owners: "weakref.WeakSet[Device]" = weakref.WeakSet()
+
+
+def _unlink_owned() -> None:
+    for dev in list(_owners):
+        dev.close()
 
 
 def segment_name(namespace: str, index: int) -> str:
@@ -43,6 +51,49 @@ def list_segments(namespace: str | None = None) -> list[str]:
         return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
     except FileNotFoundError:
         return []
+
+
+def in_use() -> set[str]:
+    """afd segments some process on this machine maps or holds open (read from /proc; what cannot be read is
+    assumed in use by whoever cannot be seen, so only this user's processes' segments can look orphaned)."""
+    used: set[str] = set()
+    marker = os.path.join(SHM_DIR, SEGMENT_PREFIX)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    at = line.find(marker)
+                    if at >= 0:
+                        used.add(os.path.basename(line[at:].split()[0]))
+            fd_dir = f"/proc/{pid}/fd"
+            for fd in os.listdir(fd_dir):
+                try:
+                    target = os.readlink(os.path.join(fd_dir, fd))
+                except OSError:
+                    continue
+                if target.startswith(marker):
+                    used.add(os.path.basename(target.split(" (deleted)")[0]))
+        except OSError:
+            continue
+    return used
+
+
+def orphans() -> list[str]:
+    """afd segments of this user that no process maps or holds open: their owner died (SIGKILL) without
+    unlinking them."""
+    used = in_use()
+    me = os.getuid()
+    out = []
+    for name in list_segments():
+        try:
+            owner = os.stat(os.path.join(SHM_DIR, name)).st_uid
+        except FileNotFoundError:
+            continue
+        if owner == me and name not in used:
+            out.append(name)
+    return out
 
 
 def sweep(namespace: str) -> list[str]:
@@ -111,6 +162,10 @@ class Device:
                 os.close(fd)
             self._owned.add(index)
             created_namespaces.add(self.namespace)
+            if not _owners:
+                from . import exit_cleanup
+                exit_cleanup.register(_unlink_owned)
+            _owners.add(self)
         return DeviceBuffer(self, ADDRESS_BASE + index * SEGMENT_SPAN, nbytes)
 
     def free(self, buffer: DeviceBuffer | int) -> None:

@@ -168,3 +168,44 @@ def test_spawned_attacher_does_not_unlink_at_exit(dev, tmp_path):
     assert dev.view(buf.address, 4, "<i4").tolist() == [42]
     fresh = Device(dev.namespace)
     assert fresh.view(buf.address, 4, "<i4").tolist() == [42]
+
+
+_ALLOCATE = "import afd.device as d, os, signal, sys, time; b = d.malloc(4096); print(b.name, flush=True); "
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tail, code", [("pass", 0), ("raise SystemExit(3)", 3), ("1/0", 1),
+                                        ("os.kill(os.getpid(), signal.SIGTERM); time.sleep(10)", -15),
+                                        ("os.kill(os.getpid(), signal.SIGHUP); time.sleep(10)", -1)],
+                         ids=["exit", "sys.exit", "exception", "SIGTERM", "SIGHUP"])
+def test_memory_never_outlives_its_owner(tail, code):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _ALLOCATE + tail], capture_output=True, text=True, timeout=30)
+    assert r.returncode == code, r.stderr
+    name = r.stdout.strip()
+    assert name.startswith("afd-") and name not in device.list_segments()
+
+
+@pytest.mark.timeout(60)
+def test_afd_clean_removes_what_a_sigkilled_owner_left_and_nothing_live():
+    import subprocess
+    import sys
+    live = subprocess.Popen([sys.executable, "-c", _ALLOCATE + "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        live_name = live.stdout.readline().strip()
+        dead = subprocess.run([sys.executable, "-c", _ALLOCATE + "os.kill(os.getpid(), signal.SIGKILL)"],
+                              capture_output=True, text=True, timeout=30)
+        dead_name = dead.stdout.strip()
+        assert dead.returncode == -9 and dead_name in device.list_segments()  # SIGKILL: nothing could run
+        assert dead_name in device.orphans() and live_name not in device.orphans()
+        r = subprocess.run([sys.executable, "-m", "afd", "clean", "--dry-run"], capture_output=True, text=True,
+                           timeout=30)
+        assert f"would remove segment /dev/shm/{dead_name}" in r.stdout and dead_name in device.list_segments()
+        r = subprocess.run([sys.executable, "-m", "afd", "clean"], capture_output=True, text=True, timeout=30)
+        assert f"removed segment /dev/shm/{dead_name}" in r.stdout
+        assert dead_name not in device.list_segments() and live_name in device.list_segments()
+    finally:
+        live.terminate()  # SIGTERM: it unlinks its own segment on the way out
+        live.wait(10)
+    assert live_name not in device.list_segments()

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "predict": "predict",
     "faults": "faults",
     "npu": "npu",
+    "clean": "clean",
 }
 
 EXIT_USAGE = 2

@@ -48,28 +48,17 @@ def install() -> None:
         operators.install()
         hccl.install()
         api.install_modules()
-        _on_sigterm_clean_up()
+        _clean_up_at_exit()
         _done = True
 
 
-def _on_sigterm_clean_up() -> None:
+def _clean_up_at_exit() -> None:
     """torchrun ends the other ranks of a failed job with SIGTERM: leave nothing behind (the `afd stop` listing,
-    this rank's trace part), then die of the signal as before. Only where nobody installed a handler."""
-    import signal
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-
-    def handler(signum, frame):
-        from . import registry, trace
-        try:
-            registry.clear()
-            trace.write()
-        finally:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, handler)
+    this rank's trace part) however the rank ends, short of SIGKILL."""
+    from .. import exit_cleanup
+    from . import registry, trace
+    exit_cleanup.register(registry.clear)
+    exit_cleanup.register(trace.write)
 
 
 def _autoload() -> None:

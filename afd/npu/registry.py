@@ -6,7 +6,6 @@ is swept by the next process that writes here or by `afd stop`.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import mmap
 import os
@@ -18,7 +17,7 @@ from ..layout import RUN_FLAG_OFFSET
 _lock = threading.Lock()
 _contexts: dict[int, tuple[int, int]] = {}  # address -> (fd, offset)
 _gone: list[int] = []  # removals asked for by a finalizer (which may run while this module holds the lock)
-_registered = False
+_swept = False
 
 
 def root() -> Path:
@@ -45,14 +44,13 @@ def _write() -> None:
 
 
 def add_context(address: int) -> None:
-    global _registered
+    global _swept
     from .memory import memory
     with _lock:
         _apply_gone()
         _contexts[address] = memory.locate(address, field="schedule_context")
-        if not _registered:
-            _registered = True
-            atexit.register(clear)
+        if not _swept:
+            _swept = True
             sweep()
         _write()
 

@@ -8,7 +8,6 @@ that installed the fake itself writes FILE at exit.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import threading
@@ -23,7 +22,6 @@ CONSUMERS = {"npu_attention_worker_combine", "attention_worker_scheduler_", "att
 
 _events: deque = deque(maxlen=EVENT_CAP)
 _lock = threading.Lock()
-_registered = False
 _written = False
 
 
@@ -43,20 +41,12 @@ def _rank() -> int:
     return rank()
 
 
-def _register() -> None:
-    global _registered
-    if not _registered:
-        _registered = True
-        atexit.register(write)
-
-
 def span(op: str, stream, t0: int, t1: int, call: tuple[int, int], args: dict | None, extra: dict | None = None):
     """One operator call on a stream."""
     if not enabled():
         return
     args = {**(args or {}), **(extra or {})}
     with _lock:
-        _register()
         _events.append({"name": op, "stream": int(stream.stream_id), "t0": t0, "t1": t1, "call": call[0],
                         "args": _plain(args)})
 
@@ -67,7 +57,6 @@ def instant(name: str, args: dict) -> None:
     import time
     t = time.monotonic_ns()
     with _lock:
-        _register()
         _events.append({"name": name, "stream": -1, "t0": t, "t1": t, "call": -1, "args": _plain(args)})
 
 
