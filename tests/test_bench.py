@@ -9,7 +9,7 @@ NUMBERS = ("micro_batch_layers_per_s", "ratio_vs_queue", "fraction_of_copy_bound
            "hop_latency_us_p99", "hop_latency_us_p50_spin", "hop_latency_us_p99_spin",
            "queue_micro_batch_layers_per_s", "copy_bound_micro_batch_layers_per_s",
            "two_host_micro_batch_layers_per_s", "two_host_vs_one_host", "two_host_hop_latency_us_p50",
-           "torch_combine_vs_numpy", "npu_round_trips_per_s")
+           "torch_combine_vs_numpy")
 
 
 @pytest.mark.timeout(200)
@@ -30,4 +30,5 @@ def test_bench_quick_json_has_every_figure():
     ops = result["ops"]
     assert ops["scan"]["per_iteration_us"] > 0 and ops["combine"]["combine_ms"] > 0
     assert result["npu"]["combine"]["same_output"] is True  # the torch front-end gave the operator's bits
+    assert result["npu_round_trips_per_s"] is None  # the torchrun round trip is in the full bench only
     assert isinstance(result["targets"]["torch_combine_vs_numpy"]["pass"], bool)

@@ -95,15 +95,16 @@ def tables(r: dict) -> list[Table]:
         tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
     tables_ = [thr, hop, tgt]
     npu = r.get("npu") or {}
-    if "round_trip" in npu:
-        rt, c = npu["round_trip"], npu["combine"]
+    if "combine" in npu:
+        rt, c = npu.get("round_trip") or {"round_trips_per_s": None}, npu["combine"]
         front = Table(title=f"torch front-end (afd npu): BS={c['bs']} K={c['k']}+1 H={c['hidden']} {c['dtype']}")
         for col in ("figure", "measured", "beside it"):
             front.add_column(col)
         front.add_row("npu_attention_worker_combine + synchronize", f"{c['torch_ms']:.3f} ms",
                       f"afd op on numpy views {c['numpy_ms']:.3f} ms ({c['ratio']:.2f}x; same output: "
                       f"{'yes' if c['same_output'] else 'NO'})")
-        front.add_row("two-rank window round trip (torchrun)", f"{_f(rt['round_trips_per_s'])} /s",
+        front.add_row("two-rank window round trip (torchrun)",
+                      f"{_f(rt['round_trips_per_s'])} /s" if rt["round_trips_per_s"] else "not run (--quick)",
                       f"numpy pipeline {rate:.1f} micro-batch layers/s")
         tables_.append(front)
     return tables_
