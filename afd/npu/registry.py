@@ -33,6 +33,7 @@ def _write() -> None:
     path = _path()
     if not _contexts:
         path.unlink(missing_ok=True)
+        _remove_empty_root()
         return
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
@@ -78,6 +79,14 @@ def clear() -> None:
     with _lock:
         _contexts.clear()
         _path().unlink(missing_ok=True)
+        _remove_empty_root()
+
+
+def _remove_empty_root() -> None:
+    try:
+        root().rmdir()  # only when empty: another job's listing keeps it
+    except OSError:
+        pass
 
 
 def _alive(pid: int) -> bool:
