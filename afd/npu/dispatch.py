@@ -78,15 +78,6 @@ def _device_index(args, kwargs) -> int:
     return tensors.current_index()
 
 
-def _stream(args, kwargs):
-    from .module import current_stream
-    return current_stream(_device_index(args, kwargs))
-
-
-def _to_cpu(x):
-    return as_cpu(x) if _is_npu(x) else x
-
-
 def _to_meta(x):
     if x.device.type in ("npu", "cpu"):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")

@@ -58,14 +58,6 @@ def hooks() -> FaultHooks:
         return _hooks
 
 
-def reset() -> None:
-    """Forget the parsed faults and counts (tests change AFD_NPU_FAULTS between cases)."""
-    global _hooks, _t0
-    with _lock:
-        _hooks, _t0 = None, None
-        _calls.clear()
-
-
 def next_call(op: str) -> tuple[int, int]:
     """At launch: (this rank's call index over every operator, the index among this operator's calls)."""
     global _t0

@@ -64,7 +64,6 @@ class ProcessGroupHCCL(dist.ProcessGroup):
     def __init__(self, store, rank: int, size: int, timeout: timedelta):
         super().__init__(rank, size)
         self._store = store
-        self._timeout = timeout
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
         if rank == 0:
             store.set(NAME_KEY, f"afd_hccl_{uuid.uuid4().hex[:16]}")

@@ -324,14 +324,14 @@ def _ffn_owed() -> list[tuple[int, int]]:
     return _peer_pids(hccl.peer_ranks())
 
 
-def _ffn_scheduler(op: str, self, sync_group_size, execute_mode):
+def _ffn_scheduler_checks(op: str, self, execute_mode) -> None:
     _context_tensor(op, self)
     _host_check(op, check_ffn_worker_scheduler_host, numpy_of(self), execute_mode)
 
 
 def ffn_worker_scheduler_(self, sync_group_size=1, execute_mode=0):
     op = "ffn_worker_scheduler_"
-    _ffn_scheduler(op, self, sync_group_size, execute_mode)
+    _ffn_scheduler_checks(op, self, execute_mode)
     _run_scheduler(op, self, self, lambda ctx: _ffn_scheduler_op.ffn_worker_scheduler_(ctx, sync_group_size, execute_mode,
                                                                       idle=_policy()))
     return self
@@ -339,7 +339,7 @@ def ffn_worker_scheduler_(self, sync_group_size=1, execute_mode=0):
 
 def ffn_worker_scheduler(self, sync_group_size=1, execute_mode=0):
     op = "ffn_worker_scheduler"
-    _ffn_scheduler(op, self, sync_group_size, execute_mode)
+    _ffn_scheduler_checks(op, self, execute_mode)
     out = self.clone()
     _run_scheduler(op, self, out, lambda ctx: _ffn_scheduler_op.ffn_worker_scheduler_(ctx, sync_group_size, execute_mode,
                                                                      idle=_policy()))

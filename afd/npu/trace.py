@@ -142,20 +142,22 @@ def _flows(events, us) -> list[dict]:
     reads = defaultdict(list)  # (reader rank, kind, unit) -> [t ...]
     for r, e in sorted(events, key=lambda x: x[1]["t0"]):
         a, name = e["args"], e["name"]
-        # near the end of the slice: a write has landed, a consumer has seen it; a flow binds to the slice around it
-        at = (e["stream"], e["t1"] - min(1000, (e["t1"] - e["t0"]) // 2))
+        # a flow binds to the slice around its timestamp: a write's arrow leaves near its start (its flags may be
+        # consumed before the call returns), a consumer's arrives near its end (it has seen them by then)
+        inside = min(1000, (e["t1"] - e["t0"]) // 2)
+        start, end = (e["stream"], e["t0"] + inside), (e["stream"], e["t1"] - inside)
         if name == "npu_ffn_to_attention":
             for dst, mbs in (a.get("to") or {}).items():
                 for mb in mbs:
-                    writes[(int(dst), "f2a", (mb,))].append((r, at))
+                    writes[(int(dst), "f2a", (mb,))].append((r, start))
         elif name == "npu_attention_to_ffn" and "micro_batch" in a:
             for dst in a.get("to") or []:
-                writes[(int(dst), "a2f", (a["session"], a["micro_batch"]))].append((r, at))
+                writes[(int(dst), "a2f", (a["session"], a["micro_batch"]))].append((r, start))
         elif name in CONSUMERS and not a.get("stopped"):
             if name.startswith(("npu_attention", "attention")) and "micro_batch" in a:
-                reads[(r, "f2a", (a["micro_batch"],))].append(at)
+                reads[(r, "f2a", (a["micro_batch"],))].append(end)
             for unit in a.get("units") or []:
-                reads[(r, "a2f", tuple(unit))].append(at)
+                reads[(r, "a2f", tuple(unit))].append(end)
     out, flow_id = [], 0
     for key, consumed in reads.items():
         by_writer = defaultdict(list)
