@@ -54,8 +54,9 @@ def _leaves(x):
             yield from _leaves(v)
 
 
-def _kind(op) -> tuple[str, tuple[str, ...]]:
-    """(kind, names of the written kwarg-only arguments, i.e. out=) of an op, cached."""
+def _kind(op) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(kind, names of the written kwarg-only arguments i.e. out=, names of every written argument) of an op,
+    cached."""
     cached = _kinds.get(op)
     if cached is None:
         schema = op._schema
@@ -67,7 +68,7 @@ def _kind(op) -> tuple[str, tuple[str, ...]]:
             kind = VIEW
         else:
             kind = COMPUTE
-        cached = _kinds[op] = (kind, outs)
+        cached = _kinds[op] = (kind, outs, tuple(a.name for a in written))
     return cached
 
 
@@ -144,12 +145,18 @@ def _run_into_outs(op, args, kwargs, index: int, outs):
     return written[0] if len(written) == 1 else tuple(written)
 
 
-def _queue(op, args, kwargs, index: int, stream, outs):
-    """Launch an op behind the stream's pending work; outputs allocated now from the meta kernel's shapes."""
-    margs, mkw = _map_all(_to_meta, args, kwargs)
-    meta = op(*margs, **mkw)
+def _queue(op, args, kwargs, index: int, stream, written: tuple[str, ...]):
+    """Launch an op behind the stream's pending work. An in-place or out= op returns its written arguments (out=
+    ones were sized already); a functional one gets its outputs now, shaped by the op's meta kernel."""
     sargs, skw = _map_all(_snapshot, args, kwargs)  # host tensors as they are now (npu ones untouched)
-    cargs, ckw, keep = _aliases(sargs, skw)
+    cargs, ckw, _ = _aliases(sargs, skw)
+    if written:
+        named = dict(zip([a.name for a in op._schema.arguments], args))
+        named.update(kwargs)
+        values = [named[n] for n in written]
+        stream.launch(lambda: op(*cargs, **ckw), str(op))
+        return values[0] if len(values) == 1 else tuple(values)
+    margs, mkw = _map_all(_to_meta, args, kwargs)
     results = []
 
     def alloc(m):
@@ -157,18 +164,7 @@ def _queue(op, args, kwargs, index: int, stream, outs):
         results.append(out)
         return out
 
-    inplace = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    if inplace:  # in-place or out=: the op's results are its written arguments
-        named = dict(zip([a.name for a in op._schema.arguments], args))
-        named.update(kwargs)
-        written_args = [named[n] for n in inplace]
-        value = written_args[0] if len(written_args) == 1 else tuple(written_args)
-
-        def task():
-            op(*cargs, **ckw)
-        stream.launch(task, str(op))
-        return value
-    npu_out = _map(alloc, meta)
+    npu_out = _map(alloc, op(*margs, **mkw))
 
     def task():
         produced = op(*cargs, **ckw)
@@ -180,7 +176,7 @@ def _queue(op, args, kwargs, index: int, stream, outs):
 
 def fallback(op, *args, **kwargs):
     """The boxed kernel of every aten op on npu tensors that has no kernel of its own here."""
-    kind, outs = _kind(op)
+    kind, outs, written = _kind(op)
     if kind == VIEW:
         return op.redispatch(CPU_KEYS, *args, **kwargs)
     index = _device_index(args, kwargs)
@@ -198,7 +194,7 @@ def fallback(op, *args, **kwargs):
     if stream.idle():
         return run_now(op, args, kwargs, index)
     try:
-        return _queue(op, args, kwargs, index, stream, outs)
+        return _queue(op, args, kwargs, index, stream, written)
     except (NotImplementedError, RuntimeError):  # no meta kernel (e.g. data-dependent shapes): wait, then run
         stream.synchronize()
         return run_now(op, args, kwargs, index)

@@ -86,13 +86,21 @@ def itemsize(dtype: torch.dtype) -> int:
     return size
 
 
-def host_block(nbytes: int, own_segment: bool = False) -> torch.Tensor:
-    """A 1-D uint8 CPU tensor over a fresh allocator block (a zero-byte one still owns a block, so its
-    data_ptr() is a real address like every other's); retag it with as_npu."""
+def _block_bytes(nbytes: int, own_segment: bool = False) -> np.ndarray:
+    """A uint8 numpy array of nbytes over a fresh allocator block (a zero-byte one still owns a block, so its
+    address is a real one like every other's); the block is released when the array's last view dies."""
     nbytes = int(nbytes)
-    block = memory.allocate(max(1, nbytes), own_segment=own_segment)
-    cpu = torch.from_numpy(memory.host_bytes(block, max(1, nbytes)))
-    return cpu if nbytes else cpu[:0]
+    return memory.host_bytes(memory.allocate(max(1, nbytes), own_segment=own_segment), max(1, nbytes))[:nbytes]
+
+
+def _extent(size, stride) -> int:
+    """Elements a layout reaches: one past its largest offset (0 when empty)."""
+    return 0 if 0 in size else 1 + sum((s - 1) * st for s, st in zip(size, stride))
+
+
+def host_block(nbytes: int, own_segment: bool = False) -> torch.Tensor:
+    """A 1-D uint8 CPU tensor over a fresh allocator block; retag it with as_npu."""
+    return torch.from_numpy(_block_bytes(nbytes, own_segment))
 
 
 def npu_bytes(nbytes: int, index: int | None = None, own_segment: bool = False) -> torch.Tensor:
@@ -106,10 +114,7 @@ def _host_array(size, stride, dtype: torch.dtype) -> np.ndarray | None:
     if shaped is None:
         return None
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    count = 0 if 0 in size else 1 + sum((s - 1) * st for s, st in zip(size, stride))
-    nbytes = count * itemsize(dtype)
-    block = memory.allocate(max(1, nbytes))
-    flat = memory.host_bytes(block, max(1, nbytes))[:nbytes].view(shaped)
+    flat = _block_bytes(_extent(size, stride) * itemsize(dtype)).view(shaped)
     if stride == contiguous_strides(size):
         return flat.reshape(size)
     return np.lib.stride_tricks.as_strided(flat, size, tuple(st * flat.itemsize for st in stride))
@@ -122,8 +127,7 @@ def host_strided(size, stride, dtype: torch.dtype) -> torch.Tensor:
         t = torch.from_numpy(arr)
         return t.view(dtype) if dtype == torch.bfloat16 else t
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    count = 0 if 0 in size else 1 + sum((s - 1) * st for s, st in zip(size, stride))
-    return torch.as_strided(host_block(count * itemsize(dtype)).view(dtype), size, stride)
+    return torch.as_strided(host_block(_extent(size, stride) * itemsize(dtype)).view(dtype), size, stride)
 
 
 _FROM_NUMPY = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
@@ -149,15 +153,8 @@ def contiguous_strides(size) -> tuple[int, ...]:
 
 
 def empty(size, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
-    """torch.empty on npu: contiguous (the operators' outputs: the short way)."""
-    shaped = _FROM_NUMPY.get(dtype)
-    if shaped is None:
-        return empty_strided(size, contiguous_strides(size), dtype, index)
-    size = tuple(int(s) for s in size)
-    nbytes = math.prod(size) * itemsize(dtype)
-    block = memory.allocate(max(1, nbytes))
-    arr = memory.host_bytes(block, max(1, nbytes))[:nbytes].view(shaped).reshape(size)
-    return _npu_from_numpy(arr, dtype, current_index() if index is None else int(index))
+    """torch.empty on npu: contiguous."""
+    return empty_strided(size, contiguous_strides(size), dtype, index)
 
 
 def empty_together(shapes, dtypes, index: int | None = None) -> tuple[list[torch.Tensor], list[np.ndarray]]:
@@ -202,7 +199,7 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
             d = np.dtype(ml_dtypes.bfloat16)
         else:
             d = torch.empty(0, dtype=dtype).numpy().dtype
-        d = _NP_DTYPES[dtype] = d
+        _NP_DTYPES[dtype] = d
     return d
 
 
@@ -220,7 +217,7 @@ def numpy_of(t: torch.Tensor) -> np.ndarray:
     if arr is None:
         dtype = _np_dtype(t.dtype)
         shape, stride = tuple(t.shape), t.stride()
-        count = 0 if 0 in shape else 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+        count = _extent(shape, stride)
         flat = memory.view(key[0], count * dtype.itemsize, dtype, field="tensor")
         if stride == contiguous_strides(shape):
             arr = flat.reshape(shape)
