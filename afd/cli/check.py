@@ -1,18 +1,20 @@
 """`afd check`: validate a config and print the windows and memory each rank needs, without starting anything.
 
-Exit 0 when the config is valid (a broken HCCL window-size rule is a warning), 2 when it is not (one line naming
-the key and the rule, printed by afd.cli.main) and 2 when a hardware limit is broken in strict mode.
+Exit 0 when the config is valid and fits this machine (a broken HCCL window-size rule is a warning); 2 when it is
+not valid or does not fit (one line naming the key and the rule), and when a hardware limit is broken in strict mode.
 """
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 
 from .. import config as config_mod
 from ..errors import ConfigError
 from ..layout import CONTEXT_SIZE
 from ..ops import _limits
-from ..runtime.memory import STATUS_FIELDS, SessionStreamLayout
+from .. import preflight
+from ..preflight import sizes
 from . import add_overrides
 
 HCCL_RULE = "(M*BS*(K+1)*HS*2 + M*BS*(K+1)*4)/1MiB + 1 <= HCCL_BUFFSIZE"
@@ -41,51 +43,6 @@ def _hccl_buffsize_mb() -> int:
     return value
 
 
-def sizes(cfg: config_mod.Config) -> dict:
-    """Every allocation a run of `cfg` makes, per attention session, per FFN rank and run-wide (bytes)."""
-    c = cfg
-    attn = c.attention_layout()
-    ffn = c.ffn_layout()
-    out = c.ffn_out_layout()
-    stream = SessionStreamLayout(c.ffn_ranks, c.micro_batch_num, c.micro_batch_size, c.top_k, c.hidden_size,
-                                 c.itemsize)
-    per_session = {
-        "attention_window": c.attention_window_bytes(),
-        "schedule_context": CONTEXT_SIZE,
-        "session_stream": stream.total_bytes,
-    }
-    per_ffn = {
-        "ffn_window": c.ffn_window_bytes(),
-        "ffn_out_buffers": out.total_bytes,
-        "schedule_context": CONTEXT_SIZE,
-    }
-    n_roles = len(c.role_ids())
-    run_wide = {
-        "status_table": 8 * len(STATUS_FIELDS) * n_roles,
-        "digests": 8 * c.steps * c.sessions * c.micro_batch_num,
-        "outputs": c.sessions * c.micro_batch_num * c.micro_batch_size * c.token_bytes,
-    }
-    total = (c.sessions * sum(per_session.values()) + c.ffn_ranks * sum(per_ffn.values())
-             + sum(run_wide.values()))
-    return {
-        "attention_window": {"flags_bytes": attn.info_bytes, "data_offset": attn.data_offset,
-                             "data_bytes": attn.data_bytes, "slot_bytes": attn.slot_bytes,
-                             "total_bytes": c.attention_window_bytes()},
-        "ffn_window": {"records_bytes": ffn.info_bytes, "record_bytes": ffn.record_bytes,
-                       "data_offset": ffn.data_offset, "data_bytes": ffn.data_bytes,
-                       "total_bytes": c.ffn_window_bytes()},
-        "ffn_out_buffers": {**{k: v for k, v in out.offsets.items()}, "ids_bytes": out.ids_bytes,
-                            "expert_ids_bytes": out.expert_ids_bytes, "total_bytes": out.total_bytes},
-        "session_stream": {"counters_bytes": stream.f2a_offset, "f2a_last_flag_offset": stream.f2a_offset,
-                           "scales_offset": stream.scales_offset, "expert_ids_offset": stream.ids_offset,
-                           "y_offset": stream.y_offset, "total_bytes": stream.total_bytes},
-        "per_attention_session": {**per_session, "total": sum(per_session.values())},
-        "per_ffn_rank": {**per_ffn, "total": sum(per_ffn.values())},
-        "run_wide": {**run_wide, "total": sum(run_wide.values())},
-        "total_bytes": total,
-    }
-
-
 def hccl(cfg: config_mod.Config) -> dict:
     """The HCCL window-size rule of FFNToAttention (spec §2.2) for this shape."""
     c = cfg
@@ -96,6 +53,8 @@ def hccl(cfg: config_mod.Config) -> dict:
 
 
 def _fmt(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n:>14,} B  ({n / (1 << 30):.2f} GiB)"
     if n >= 1 << 20:
         return f"{n:>14,} B  ({n / (1 << 20):.2f} MiB)"
     if n >= 1 << 10:
@@ -117,11 +76,20 @@ def main(args) -> int:
                          f"K+1={c.selected} HS={c.hidden_size}, but HCCL_BUFFSIZE is {rule['hccl_buffsize_mb']} MB"))
     if strict and c.micro_batch_num != 1:
         problems.append(("micro_batch_num", f"FFNToAttention requires M == 1 on A3, got {c.micro_batch_num}"))
+    need, have = preflight.needs(c), preflight.has()
+    try:
+        preflight.check(c)
+        misfit = None
+    except ConfigError as exc:  # valid, but it does not fit this machine: afd run would refuse it
+        misfit = exc
 
     if args.json:
         print(json.dumps({"config": c.model_dump(mode="json"), "valid": True, "strict": strict,
                           "processes": c.role_ids(), "sizes": sz, "hccl_window": rule,
-                          "warnings": [f"{k}: {m}" for k, m in problems]}, indent=2))
+                          "warnings": [f"{k}: {m}" for k, m in problems],
+                          "resources": {"needs": asdict(need), "has": asdict(have),
+                                        "fits": misfit is None, "error": None if misfit is None else str(misfit)}},
+                         indent=2))
     else:
         src = args.config or "(built-in default)"
         print(f"afd check: {src} (name {c.name}): config is valid")
@@ -153,6 +121,11 @@ def main(args) -> int:
         print(f"  digests            {_fmt(r['digests'])}")
         print(f"  outputs            {_fmt(r['outputs'])}")
         print(f"\nshared memory in all {_fmt(sz['total_bytes'])}")
+        print("\nthis machine (afd run refuses a run that does not fit):")
+        print(f"  shared memory      needs {_fmt(need.shared_bytes)}, /dev/shm has {_fmt(have.shm_free_bytes)} free")
+        print(f"  memory in all      needs {_fmt(need.memory_bytes)} (about), {_fmt(have.memory_available_bytes)} "
+              f"available")
+        print(f"  processes          {need.processes:>14,}    limit {have.max_processes} (AFD_MAX_PROCESSES)")
         verdict = "holds" if rule["holds"] else "DOES NOT HOLD"
         print(f"\nHCCL window rule   {HCCL_RULE}: needs {rule['needed_mb']} MB, HCCL_BUFFSIZE is "
               f"{rule['hccl_buffsize_mb']} MB: {verdict}")
@@ -160,6 +133,9 @@ def main(args) -> int:
         kind = "error" if strict else "warning"
         tail = "" if strict else " (a real A3 run would fail; an error with --strict)"
         print(f"afd: {kind}: {key}: {msg}{tail}", file=sys.stderr)
+    if misfit is not None:
+        print(f"afd: error: {misfit}", file=sys.stderr)
+        return 2
     if problems and strict:
         return 2
     return 0

@@ -27,6 +27,9 @@ def main(args) -> int:
     if args.runs <= 0:
         from ..errors import ConfigError
         raise ConfigError("--runs", f"must be > 0, got {args.runs}")
+    if args.seed < 0:
+        from ..errors import ConfigError
+        raise ConfigError("--seed", f"must be >= 0, got {args.seed}")
     err = Console(stderr=True)
     runs = campaign(args.config, args.runs, args.seed, args.overrides,
                     on_run=lambda i, r, s: err.print(f"[{i + 1}/{args.runs}] {r.fault}: {r.outcome} exit {r.exit_code}"

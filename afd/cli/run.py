@@ -75,6 +75,11 @@ def _hold_signals() -> None:
 
 
 def main(args) -> int:
+    from ..preflight import check_output
+    for flag in ("report", "log", "trace", "plot"):  # before the run: its end must not be lost to a bad path
+        check_output(f"--{flag}", getattr(args, flag))
+    if args.report and not args.log:
+        check_output("--report", f"{args.report}.log")
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
@@ -98,17 +103,27 @@ def main(args) -> int:
         else:
             result = pipeline.wait()
     _hold_signals()  # the run is over: what is left is writing what it found, which a late SIGTERM must not cut
-    if args.report:
-        write_report(result, args.report, args.log)
-    elif args.log:
-        write_log(result, args.log)
-    if args.trace:  # written whatever the outcome: a fault's trace ends at the fault
-        from ..trace import write_result
-        write_result(args.trace, result)
-    if args.plot:
-        from ..plot import plot_result
-        plot_result(result, args.plot)
+    lost = _write_outputs(args, result)
     Console().print(summary_table(result))
     if result.exit_code:
         print(f"afd: run {result.outcome}: {result.reason}", file=sys.stderr)
-    return result.exit_code
+    for flag, exc in lost:  # checked writable before the run; this is a disk that filled or a directory removed since
+        print(f"afd: error: {flag}: could not write {exc.filename}: {exc.strerror}", file=sys.stderr)
+    return result.exit_code or (1 if lost else 0)
+
+
+def _write_outputs(args, result) -> list[tuple[str, OSError]]:
+    """Every output asked for, each on its own: one that fails does not stop the others (nor the summary)."""
+    from ..plot import plot_result
+    from ..trace import write_result
+    lost = []
+    steps = [("--report", lambda: write_report(result, args.report, args.log)) if args.report else
+             ("--log", lambda: write_log(result, args.log)) if args.log else None,
+             ("--trace", lambda: write_result(args.trace, result)) if args.trace else None,  # a fault's ends at it
+             ("--plot", lambda: plot_result(result, args.plot)) if args.plot else None]
+    for step in filter(None, steps):
+        try:
+            step[1]()
+        except OSError as exc:
+            lost.append((step[0], exc))
+    return lost

@@ -18,6 +18,7 @@ import zmq
 from .. import config as config_mod
 from .. import control
 from .. import faults as faults_mod
+from .. import preflight
 from ..config import Config
 from ..device import Device, new_namespace, sweep
 from ..errors import AfdError
@@ -117,6 +118,7 @@ class Pipeline:
         # Faults from the config and from the caller, checked before anything starts.
         self.faults = faults_mod.parse_all(self.cfg.faults, role_ids) + [
             f if isinstance(f, faults_mod.Fault) else faults_mod.parse(f, role_ids) for f in (faults or [])]
+        preflight.check(self.cfg)  # a run that cannot fit this machine is refused here, not found out mid-run
         self.processes: dict[str, multiprocess.Process] = {}
         self.pids: dict[str, int] = {}  # kept after close, to check that every process is gone
         self.mem: RunMemory | None = None
@@ -267,14 +269,24 @@ class Pipeline:
         if self.mem is not None:
             self.mem.stop_all()
         if self.zctx is not None:  # across hosts the broadcast is how each host's run_flag becomes 0
-            self.dealer.send_multipart(control.encode("stop", {"reason": reason}))
+            self._tell("stop", {"reason": reason})
+
+    def _tell(self, kind: str, payload: dict) -> bool:
+        """Send to the controller without ever blocking: a controller that is gone, not yet up or not reading
+        (its queue full) must not hang the launcher; run_flag in shared memory stays the truth."""
+        try:
+            self.dealer.send_multipart(control.encode(kind, payload), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
     def inject(self, fault) -> faults_mod.Fault:
         """Inject a fault into the running pipeline (a spec string like `kill:ffn0@step=2` or a Fault)."""
         if not isinstance(fault, faults_mod.Fault):
             fault = faults_mod.parse(fault, self.cfg.role_ids())
         self.faults.append(fault)
-        self.dealer.send_multipart(control.encode("inject", {"fault": fault.to_dict()}))
+        if not self._tell("inject", {"fault": fault.to_dict()}):
+            raise AfdError("fault", f"inject {fault.spec}: the controller is not taking messages")
         return fault
 
     @property
@@ -362,7 +374,7 @@ class Pipeline:
                     self.on_progress(*self.progress)
             elif kind == "result":
                 self._controller_result = payload
-                self.dealer.send_multipart(control.encode("ack", {}))  # the controller may close now
+                self._tell("ack", {})  # the controller may close now
 
     def _check_processes(self) -> None:
         """Process sentinels: a role that exits before the run ends is a failure detected at once."""
@@ -376,8 +388,7 @@ class Pipeline:
                 if self.mem is not None:
                     self.mem.stop_all()
                 if role != "controller":
-                    self.dealer.send_multipart(control.encode("role_died", {"role": role,
-                                                                            "exitcode": proc.exitcode}))
+                    self._tell("role_died", {"role": role, "exitcode": proc.exitcode})
                 self._died_first = getattr(self, "_died_first", None) or (role, proc.exitcode,
                                                                          time.monotonic_ns(), self._in_flight(role))
 
@@ -425,7 +436,7 @@ class Pipeline:
             if self.mem is not None:
                 self.mem.stop_all()
             elif self.zctx is not None:
-                self.dealer.send_multipart(control.encode("stop", {"reason": "pipeline closed"}))
+                self._tell("stop", {"reason": "pipeline closed"})
             self._reap(2.0)
         for proc in self.processes.values():
             if proc.is_alive():
