@@ -21,7 +21,7 @@ Number = StrictInt | StrictFloat
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # every wait is bounded
 
 
 class ControlConfig(_Strict):
@@ -70,7 +70,7 @@ class Config(_Strict):
         None, description="expert id -> FFN ranks holding it (shared expert id = routed_experts); default e % F")
     mode: Literal["sync", "async"] = "sync"
     fuse_scheduler: StrictBool = False
-    seed: StrictInt = 0
+    seed: StrictInt = Field(0, ge=0, description="seeds the inputs and weights (numpy SeedSequence: >= 0)")
     wait: Literal["default", "spin"] = "default"
     spin_us: Number = Field(50, ge=0)
     stall_timeout_s: Number = Field(2.0, gt=0)
@@ -253,7 +253,12 @@ DEFAULT_CONFIG: dict[str, Any] = {"name": "default"}
 
 
 def _format_error(exc: ValidationError) -> ConfigError:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = errors[0]
+    if err["loc"] and err["loc"][-1] in ("int", "float"):  # a number (int | float): say the float branch's rule
+        same = [e for e in errors if e["loc"][:-1] == err["loc"][:-1]]
+        err = next((e for e in same if e["loc"][-1] == "float"), err)
+        err = {**err, "loc": err["loc"][:-1]}
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -263,7 +268,7 @@ def _format_error(exc: ValidationError) -> ConfigError:
     if err["type"] == "extra_forbidden":
         msg = "unknown key" + _did_you_mean(err["loc"])
     elif err["type"] in {"int_type", "float_type", "string_type", "bool_type", "literal_error", "dict_type",
-                         "list_type", "model_type", "greater_than", "greater_than_equal", "less_than",
+                         "list_type", "model_type", "finite_number", "greater_than", "greater_than_equal", "less_than",
                          "less_than_equal"}:
         msg = f"{msg} (got {err.get('input')!r})"
     return ConfigError(f"config: {loc or 'config'}", msg)

@@ -11,10 +11,18 @@ KERNEL_STATUS_PARAM_INVALID = 1
 KERNEL_STATUS_INNER_ERROR = 2
 
 
+def one_line(text: str) -> str:
+    """Text with its control characters escaped (a newline becomes \\n): an error is always one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class AfdError(Exception):
     """Base of every afd error; carries the field, the rule and a status code where one exists."""
 
     def __init__(self, field: str, rule: str, status: int | None = None):
+        field, rule = one_line(str(field)), one_line(str(rule))  # (a key or value from input may hold a newline)
         self.field = field
         self.rule = rule
         self.status = status

@@ -5,6 +5,7 @@ import os
 import random
 import signal
 import time
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -125,8 +126,8 @@ def _when(spec: str, when: str, when_keys: tuple, param_keys: set) -> tuple[dict
                 values[key] = float(value) if key == "t" else int(value)
             except ValueError:
                 raise ConfigError(f"fault {spec!r}", f"{key} must be a number, got {value!r}") from None
-            if values[key] < 0:
-                raise ConfigError(f"fault {spec!r}", f"{key} must be >= 0")
+            if not (math.isfinite(values[key]) and values[key] >= 0):
+                raise ConfigError(f"fault {spec!r}", f"{key} must be a finite number >= 0, got {value.strip()}")
         elif key in param_keys:
             params[key] = value.strip()
         else:
@@ -142,8 +143,8 @@ def _kind_params(spec: str, kind: str, params: dict) -> None:
             params["ms"] = float(params.get("ms", 5 if kind == "delay" else 50))
         except ValueError:
             raise ConfigError(f"fault {spec!r}", f"ms must be a number, got {params['ms']!r}") from None
-        if not params["ms"] >= 0:
-            raise ConfigError(f"fault {spec!r}", f"ms must be >= 0, got {params['ms']:g}")
+        if not (math.isfinite(params["ms"]) and params["ms"] >= 0):
+            raise ConfigError(f"fault {spec!r}", f"ms must be a finite number >= 0, got {params['ms']:g}")
     if kind == "drop-flag":
         slots = params.get("slots", "1")
         if slots != "all":

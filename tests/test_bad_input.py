@@ -115,7 +115,7 @@ def fifo(tmp_path):
     (["run", "/dev/zero"], "a config must be at most 4194304 bytes"),
     (["run", "{binary}"], "a config is not UTF-8 text (byte 0xff at offset 4)"),
     (["context", "encode", "{binary}", "-o", "{out}"], "the fields file is not UTF-8 text"),
-    (["run", "--fault", "delay:ffn0@step=1,ms=-5"], "ms must be >= 0, got -5"),
+    (["run", "--fault", "delay:ffn0@step=1,ms=-5"], "ms must be a finite number >= 0, got -5"),
 ], ids=["decode-dev-zero", "decode-fifo", "config-dev-zero", "config-binary", "fields-binary", "negative-delay"])
 def test_files_that_are_not_what_they_should_be_are_one_line_within_a_second(argv, words, fifo, tmp_path, capsys):
     import time
