@@ -5,7 +5,8 @@
 #   1. `compose up`: 20 steps; every container exits 0 and the controller says "outputs match reference: yes";
 #   2. a long run: proves that each host's containers share one /dev/shm and the two hosts share none (the
 #      scheduler container reads F2A flags in its /dev/shm that the FFN containers wrote through the agent), then
-#      `compose exec controller afd stop`: run_flag = 0 everywhere, every container exits 0;
+#      `compose exec controller afd stop` while two spinning shells keep both cores busy: run_flag = 0 everywhere,
+#      every container exits 0;
 # and always cleans up (containers, volumes, images, the engine by its PID, its data, the rootfs, the wheels).
 # Exits non-zero if any step fails. Needs root, ~1 GB of disk, about a minute.
 set -Eeuo pipefail
@@ -19,6 +20,12 @@ WHEELS="$ROOT/docker/wheels"
 export COMPOSE_BAKE=false COMPOSE_PROJECT_NAME=afd-ci-demo COMPOSE_FILE="$ROOT/docker/compose.yaml"
 export DOCKER_HOST="unix://$WORK/docker.sock"  # a private engine: nothing of another docker is touched
 STEP=""
+LOAD_PIDS=()
+
+# Both cores kept busy by two spinning shells: the external stop must end every container 0 on a loaded machine,
+# as a shared CI runner is (issue 11: a stop under load once ended agent-attn as "controller lost").
+busy() { for _ in 1 2; do ( while :; do :; done ) & LOAD_PIDS+=("$!"); done; }
+unbusy() { for p in "${LOAD_PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; LOAD_PIDS=(); }
 
 say() { printf '\n==> %s\n' "$*"; STEP="$*"; }
 fail() { echo "ci-demo: FAILED: $*" >&2; exit 1; }
@@ -27,6 +34,7 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    unbusy
     if [ "$rc" -ne 0 ]; then
         echo "ci-demo: step failed: $STEP (exit $rc)" >&2
         if [ -n "$DOCKERD_PID" ] && [ -n "${COMPOSE:-}" ]; then
@@ -174,7 +182,9 @@ set -e
 echo "  ffn0 container: $OUT"
 [ "$RC" -eq 3 ] || fail "ffn0 (FFN host) can see the attention host's window"
 
-say "afd stop from outside (compose exec controller afd stop)"
+say "afd stop from outside (compose exec controller afd stop), both cores kept busy by another process"
+busy
+sleep 2  # (the run goes on under the load first: a starved controller must not look lost either)
 T2=$(date +%s)
 "$COMPOSE" exec -T controller afd stop --wait 0 | sed 's/^/  /'
 for _ in $(seq 150); do
@@ -182,6 +192,7 @@ for _ in $(seq 150); do
     sleep 0.2
 done
 STOP=$(( $(date +%s) - T2 ))
+unbusy
 "$COMPOSE" logs --no-color controller >"$WORK/run2.log"
 grep -E "(outcome|outputs match|host |micro-batch layers|flag_hop)" "$WORK/run2.log" | sed 's/^/  /'
 check_exits

@@ -123,6 +123,36 @@ def test_afd_stop_ends_a_run_of_separately_started_roles(tmp_path, env):
     assert (health / "ffn0").read_text() in ("completed", "stopped")
 
 
+@pytest.mark.timeout(120)
+def test_a_controller_silent_after_its_stop_is_an_orderly_end_not_a_lost_controller(tmp_path, env, monkeypatch,
+                                                                                        capsys):
+    """The controller frozen for 2.5 s at once after it broadcast the stop (as a starved controller on a loaded
+    machine is), past the 1 s silence bound of roles started alone: every role and agent still ends stopped,
+    exit 0, and none says the controller was lost."""
+    procs = _start(tmp_path, env, steps=100000)
+    ctl = procs["controller"]
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            probe = subprocess.run([sys.executable, "-m", "afd.health", "combine0", "--phase", "running"], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert probe.returncode == 0, probe.stdout
+        monkeypatch.setenv("AFD_RUN_DIR", env["AFD_RUN_DIR"])
+        assert main(["stop", "--wait", "0"]) == 0  # (in this process: the freeze follows the ack within ms)
+        os.kill(ctl.pid, signal.SIGSTOP)
+        assert "stop acknowledged" in capsys.readouterr().out
+        time.sleep(2.5)
+    finally:
+        os.kill(ctl.pid, signal.SIGCONT)
+        out = _finish(procs, timeout=30)
+    assert all(c == 0 for c, _ in out.values()), {k: v for k, v in out.items() if v[0]}
+    assert not [k for k, (_, text) in out.items() if "controller silent" in text or "ControllerLost" in text]
+    assert "outcome: stopped" in out["controller"][1], out["controller"][1]
+
+
 @pytest.mark.parametrize("argv,words", [
     (["role", "attn", "--controller", "tcp://127.0.0.1:5555", "--keys", "k.json"], ["--rank"]),
     (["role", "sched", "--rank", "0", "--controller", "tcp://127.0.0.1:5555"], ["--keys", "CURVE"]),

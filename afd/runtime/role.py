@@ -336,6 +336,11 @@ class RoleRuntime:
         # survive a loaded machine. Alone (containers), silence is how a dead controller shows.
         silence = 3.0 if self.launcher_pid is not None else max(1.0, 5 * self.cfg.heartbeat_interval_s)
         if time.monotonic() - self._last_controller > silence:
+            if self.stopping or self.ended:
+                # An orderly end: after its stop (or end) the controller may be busy collecting reports on a loaded
+                # machine, or already gone. Its silence now is the end of the run, never a lost controller.
+                self.ended = True
+                return
             raise ControllerLost(f"{self.role}: controller silent for "
                                  f"{time.monotonic() - self._last_controller:.1f}s")
 
