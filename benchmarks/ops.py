@@ -1,11 +1,11 @@
-"""Measure the scheduler's scan cost and the combine's speed against their targets (logic in afd.bench_ops)."""
+"""Measure the scheduler's scan cost and the combine's speed against their targets (logic in afd.bench.ops)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from afd.bench_ops import format_report, measure
+from afd.bench.ops import format_report, measure
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,3 +118,11 @@ def test_trace_written_up_to_a_fault(tmp_path):
     names = _names(data)
     assert {"attn0", "combine0"} <= set(names.values())
     assert any(ev["ph"] == "X" and ev["name"] == "attention_worker_combine" for ev in data["traceEvents"])
+
+
+def test_trace_does_not_import_the_runtime():
+    """afd.trace is read by the runtime's results; importing it must not import the runtime back (no import circle)."""
+    code = "import afd.trace, sys; print([m for m in sys.modules if m.startswith('afd.runtime')])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,5 +1,4 @@
-"""The torch front-end's figures for `afd bench`: the combine through torch_npu vs afd-sim's operator on numpy
-views (same shape, interleaved, best of each), and the two-rank window round trip per second under torchrun."""
+"""The torch front-end's figures: the combine through torch_npu vs the op on numpy views, the torchrun round trip."""
 from __future__ import annotations
 
 import re
@@ -20,9 +19,9 @@ def measure_combine(bs: int = 48, k: int = 8, hidden: int = 7168, rounds: int = 
 
     from .. import device as _device
     from ..layout import align512
+    from ..npu import install
     from ..ops import create_schedule_context_holder
     from ..ops.attention_worker_combine import attention_worker_combine, warm_up
-    from . import install
     install()
     import torch_npu
 
@@ -80,7 +79,7 @@ def measure_combine(bs: int = 48, k: int = 8, hidden: int = 7168, rounds: int = 
 def measure_round_trip(bs: int = 48, k: int = 8, hidden: int = 7168, steps: int = 30, timeout: float = 300.0) -> dict:
     """examples/npu/window_round_trip.py on two ranks (quant mode 0, bf16): round trips per second on the attention
     rank, after a warm-up step (torchrun and torch start-up not counted)."""
-    from .launch import TorchrunJob
+    from ..npu.launch import TorchrunJob
     args = ["--bs", str(bs), "--topk", str(k), "--hidden", str(hidden), "--experts", "16", "--quant-mode", "0",
             "--steps", str(steps), "--quiet"]
     job = TorchrunJob(str(EXAMPLE), args, nproc=2)

@@ -5,10 +5,10 @@ import time
 
 import numpy as np
 
-from . import device as _device
-from .layout import CONTEXT_SIZE, RUN_FLAG_OFFSET, ScheduleContext
-from .ops._polling import Waiting
-from .ops.attention_worker_scheduler import attention_worker_scheduler_
+from .. import device as _device
+from ..layout import CONTEXT_SIZE, RUN_FLAG_OFFSET, ScheduleContext
+from ..ops._polling import Waiting
+from ..ops.attention_worker_scheduler import attention_worker_scheduler_
 
 SCAN_TARGET_US = 3.0  # per scheduler iteration at BS=48, K+1=9
 COMBINE_TARGET_RATIO = 3.0  # combine time / numpy read-only time of the same bytes
@@ -58,7 +58,7 @@ def measure_scan(iterations: int = 20000, bs: int = 48, k1: int = 9, repeats: in
             if status != 0 or count[0] != iterations:
                 raise RuntimeError(f"scan benchmark: status {status} after {count[0]} of {iterations} iterations")
             best = min(best, elapsed / iterations / 1000.0)
-        del ctx, flags
+        ctx = flags = None  # drop the views before the device closes
     finally:
         dev.close()
     return {"bs": bs, "k1": k1, "flags": bs * k1, "iterations": iterations, "per_iteration_us": best,
@@ -80,7 +80,7 @@ def measure_combine(bs: int = 48, k: int = 8, hidden: int = 7168, token_dtype: i
     Both run warm (best of `repeats`), so when the micro-batch (6.2 MB at the defaults) fits in the last-level
     cache the read-only figure is a cache-speed read, the strictest fair baseline.
     """
-    from .ops.attention_worker_combine import TOKEN_DTYPES, attention_worker_combine
+    from ..ops.attention_worker_combine import TOKEN_DTYPES, attention_worker_combine
 
     dtype = TOKEN_DTYPES[token_dtype]
     k1 = k + 1
@@ -105,7 +105,7 @@ def measure_combine(bs: int = 48, k: int = 8, hidden: int = 7168, token_dtype: i
         # read; fused variants (buffered-cast multiply, per-k adds, 2 threads, integer RNE cast) were all slower.
         read_ms = _best_of(lambda: np.bitwise_or.reduce(words), repeats)
         copy_ms = _best_of(lambda: raw.copy(), repeats)  # context only: a read plus a write of the same bytes
-        del ctx, raw, words
+        ctx = raw = words = None  # drop the views before the device closes
     finally:
         dev.close()
     ratio = combine_ms / read_ms
@@ -132,8 +132,8 @@ def _verdict(ok) -> str:
 def format_report(result: dict) -> str:
     """The human-readable lines `benchmarks/ops.py` prints."""
     s, c = result["scan"], result["combine"]
-    lines = [f"scheduler scan  BS={s['bs']} K+1={s['k1']} ({s['flags']} flags), {s['iterations']} iterations: "
-             f"{s['per_iteration_us']:.2f} us/iteration (target <= {s['target_us']:.0f} us)  {_verdict(s['pass'])}"]
+    lines = [(f"scheduler scan  BS={s['bs']} K+1={s['k1']} ({s['flags']} flags), {s['iterations']} iterations: "
+              f"{s['per_iteration_us']:.2f} us/iteration (target <= {s['target_us']:.0f} us)  {_verdict(s['pass'])}")]
     if "skipped" in c:
         lines.append(f"combine         {c['skipped']}  SKIP")
     else:

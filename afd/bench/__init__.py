@@ -1,0 +1,5 @@
+"""All benchmark logic behind `afd bench` and `benchmarks/`, one module per measurement (see README, Benchmarks)."""
+from .pipeline import SHAPE, bench_config
+from .suite import measure
+
+__all__ = ["SHAPE", "bench_config", "measure"]

@@ -1,0 +1,103 @@
+"""Everything `afd bench` measures, side by side in one run, and its targets (printed as PASS/FAIL, not asserted)."""
+from __future__ import annotations
+
+import os
+
+from . import npu as npu_bench
+from . import ops as bench_ops
+from .pipeline import (
+    bench_config,
+    measure_copy_bound,
+    measure_hop,
+    measure_pipeline,
+    measure_queue,
+)
+from .tracing import measure_overhead
+
+TARGET_RATIO_VS_QUEUE = 3.0
+TARGET_FRACTION_OF_COPY_BOUND = 0.40
+TARGET_HOP_P50_US = 50.0
+TARGET_HOP_P50_SPIN_US = 5.0
+
+
+def measure(quick: bool = False, progress=None) -> dict:
+    """All figures of `afd bench` from one run; quick shortens every part (targets stay the same)."""
+
+    def step(what: str) -> None:
+        if progress:
+            progress(what)
+
+    steps = 4 if quick else 40
+    load_before = os.getloadavg()
+    hop_n = 200 if quick else 1500
+    step("operators")
+    ops = bench_ops.measure(quick=quick)
+    step("copy bound")
+    copy = measure_copy_bound(repeats=10 if quick else 40)
+    step("flag hop latency (default wait)")
+    hop = measure_hop(hop_n, "default")
+    step("flag hop latency (spin wait)")
+    hop_spin = measure_hop(hop_n, "spin")
+    step("pipeline (default wait)")
+    pipe = measure_pipeline(steps, "default", check_reference=True)
+    step("pipeline (spin wait)")
+    pipe_spin = measure_pipeline(max(2, steps // 4), "spin", check_reference=False)
+    step("pipeline across two hosts (remote window transport)")
+    pipe_two = measure_pipeline(steps, "default", check_reference=True, two_hosts=True)
+    step("multiprocess.Queue baseline")
+    queue = measure_queue(steps, check_reference=True)
+    step("tracing on vs off")
+    tracing = measure_overhead(quick=quick)
+    step("torch front-end (afd npu)")
+    npu = npu_bench.measure(quick=quick)
+
+    rate = pipe["micro_batch_layers_per_s"]
+    ratio_vs_queue = rate / queue["micro_batch_layers_per_s"] if queue["micro_batch_layers_per_s"] else 0.0
+    fraction = rate / copy["micro_batch_layers_per_s"]
+    result = {
+        "quick": quick,
+        "cpus": os.cpu_count(),
+        "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "shape": bench_config(steps),
+        "micro_batch_layers_per_s": rate,
+        "outputs_match_reference": pipe["outputs_match_reference"],
+        "pipeline_outcome": pipe["outcome"],
+        "queue_micro_batch_layers_per_s": queue["micro_batch_layers_per_s"],
+        "queue_outputs_match_reference": queue["outputs_match_reference"],
+        "copy_bound_micro_batch_layers_per_s": copy["micro_batch_layers_per_s"],
+        "ratio_vs_queue": ratio_vs_queue,
+        "fraction_of_copy_bound": fraction,
+        "hop_latency_us_p50": hop["p50"], "hop_latency_us_p99": hop["p99"],
+        "hop_latency_us_p50_spin": hop_spin["p50"], "hop_latency_us_p99_spin": hop_spin["p99"],
+        "pipeline_hop_latency_us_p50": pipe["hop_us_p50"], "pipeline_hop_latency_us_p99": pipe["hop_us_p99"],
+        "pipeline_hop_latency_us_p50_spin": pipe_spin["hop_us_p50"],
+        "pipeline_hop_latency_us_p99_spin": pipe_spin["hop_us_p99"],
+        "pipeline_spin_micro_batch_layers_per_s": pipe_spin["micro_batch_layers_per_s"],
+        "two_host_micro_batch_layers_per_s": pipe_two["micro_batch_layers_per_s"],
+        "two_host_vs_one_host": pipe_two["micro_batch_layers_per_s"] / rate if rate else 0.0,
+        "two_host_hop_latency_us_p50": pipe_two["hop_us_p50"], "two_host_hop_latency_us_p99": pipe_two["hop_us_p99"],
+        "two_host_outputs_match_reference": pipe_two["outputs_match_reference"],
+        "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "pipeline_two_hosts": pipe_two, "queue": queue,
+                    "copy": copy, "hop": hop, "hop_spin": hop_spin},
+        "ops": ops,
+        "tracing": tracing,
+        "tracing_overhead": tracing["overhead"],
+        "npu": npu,
+        "torch_combine_vs_numpy": (npu.get("combine") or {}).get("ratio"),
+        "npu_round_trips_per_s": (npu.get("round_trip") or {}).get("round_trips_per_s"),
+    }
+    result["targets"] = {
+        "ratio_vs_queue": {"target": f">= {TARGET_RATIO_VS_QUEUE:g}x", "pass": ratio_vs_queue >= TARGET_RATIO_VS_QUEUE},
+        "fraction_of_copy_bound": {"target": f">= {TARGET_FRACTION_OF_COPY_BOUND:.0%}",
+                                   "pass": fraction >= TARGET_FRACTION_OF_COPY_BOUND},
+        "hop_latency_us_p50": {"target": f"<= {TARGET_HOP_P50_US:g} us", "pass": hop["p50"] <= TARGET_HOP_P50_US},
+        "hop_latency_us_p50_spin": {"target": f"<= {TARGET_HOP_P50_SPIN_US:g} us",
+                                    "pass": hop_spin["p50"] <= TARGET_HOP_P50_SPIN_US},
+        "combine_vs_read": {"target": f"<= {ops['combine'].get('target_ratio', 3):g}x",
+                            "pass": ops["combine"].get("pass")},
+        "scheduler_scan": {"target": f"<= {ops['scan']['target_us']:g} us", "pass": ops["scan"]["pass"]},
+        "tracing_overhead": {"target": "<= 10%", "pass": tracing["overhead"] <= 0.10},
+        "torch_combine_vs_numpy": {"target": f"<= {npu_bench.TARGET_COMBINE_RATIO:g}x",
+                                   "pass": (npu.get("combine") or {}).get("pass")},
+    }
+    return result
