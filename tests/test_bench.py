@@ -1,4 +1,5 @@
-"""`afd bench --quick --json`: one JSON object with every figure, of the right types and positive (targets not checked)."""
+"""`afd bench --quick --json`: one JSON object with every figure, of the right types and positive (targets not checked),
+and the stage table with every stage and the documented byte counts."""
 import json
 import subprocess
 import sys
@@ -10,12 +11,25 @@ NUMBERS = ("micro_batch_layers_per_s", "ratio_vs_queue", "fraction_of_copy_bound
            "queue_micro_batch_layers_per_s", "copy_bound_micro_batch_layers_per_s",
            "two_host_micro_batch_layers_per_s", "two_host_vs_one_host", "two_host_hop_latency_us_p50",
            "torch_combine_vs_numpy")
+# Bytes read + written per micro-batch layer at BS=48, K=8 (9 slots a token, 432 slots), H=7168 bf16 (14,336-byte
+# rows), as documented in afd/bench/stages.py, worked out by hand.
+STAGE_BYTES = {
+    "attention": 2 * 48 * 14336,  # h in, a out
+    "gate": 48 * 64 * 2 + 2 * 48 * 8 * 4,  # 64 features in; ids and scales out
+    "attention_to_ffn": 48 * 14336 + 432 * 14336 + 48 * 8 * 4 + 432 * 4,  # tokens once, slots out, ids
+    "ffn_worker_scheduler_": 3 * 432 * 4,  # record ids in, out buffer, sentinel
+    "ffn_worker_batching": 432 * 4 + 2 * 432 * 14336 + 4 * 432 * 4,  # ids in, rows gathered, 4 id outputs
+    "experts": 2 * 432 * 14336,
+    "ffn_to_attention": 2 * 432 * 14336 + 4 * 432 * 4 + 432 * 4,  # rows, 4 id inputs, flags
+    "attention_worker_scheduler_": 2 * 432 * 4,
+    "attention_worker_combine": 432 * 14336 + 48 * 8 * 4 + 48 * 14336,  # slots and scales in, y out
+}
 
 
 @pytest.mark.timeout(200)
 def test_bench_quick_json_has_every_figure():
     proc = subprocess.run([sys.executable, "-m", "afd", "bench", "--quick", "--json"], capture_output=True, text=True,
-                          timeout=190)
+                          timeout=190, check=False)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for key in NUMBERS:
@@ -32,3 +46,16 @@ def test_bench_quick_json_has_every_figure():
     assert result["npu"]["combine"]["same_output"] is True  # the torch front-end gave the operator's bits
     assert result["npu_round_trips_per_s"] is None  # the torchrun round trip is in the full bench only
     assert isinstance(result["targets"]["torch_combine_vs_numpy"]["pass"], bool)
+
+    stages = result["stages"]
+    assert [row["name"] for row in stages] == list(STAGE_BYTES)  # every stage, in data-path order
+    for row in stages:
+        assert row["bytes"] == STAGE_BYTES[row["name"]], row["name"]
+        for key in ("ms", "gb_per_s", "copy_gb_per_s", "fraction_of_copy"):
+            assert isinstance(row[key], float) and row[key] > 0, (row["name"], key)
+        assert row["gb_per_s"] == pytest.approx(row["bytes"] / row["ms"] / 1e6)
+        assert row["fraction_of_copy"] == pytest.approx(row["copy_ms"] / row["ms"])
+    total = result["stages_total"]
+    assert total["bytes"] == sum(STAGE_BYTES.values()) == 52_337_664
+    assert total["ms"] >= max(row["ms"] for row in stages)
+    assert result["details"]["stages"]["checked"] == 2  # two micro-batch layers matched the reference layer

@@ -1,5 +1,6 @@
 """All benchmark logic behind `afd bench` and `benchmarks/`, one module per measurement (see README, Benchmarks)."""
 from .pipeline import SHAPE, bench_config
+from .stages import measure_stages
 from .suite import measure
 
-__all__ = ["SHAPE", "bench_config", "measure"]
+__all__ = ["SHAPE", "bench_config", "measure", "measure_stages"]

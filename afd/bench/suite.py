@@ -5,6 +5,7 @@ import os
 
 from . import npu as npu_bench
 from . import ops as bench_ops
+from . import stages
 from .pipeline import (
     bench_config,
     measure_copy_bound,
@@ -32,6 +33,8 @@ def measure(quick: bool = False, progress=None) -> dict:
     hop_n = 200 if quick else 1500
     step("operators")
     ops = bench_ops.measure(quick=quick)
+    step("stages of the data path")
+    stage_table = stages.measure_stages(quick=quick)
     step("copy bound")
     copy = measure_copy_bound(repeats=10 if quick else 40)
     step("flag hop latency (default wait)")
@@ -78,8 +81,11 @@ def measure(quick: bool = False, progress=None) -> dict:
         "two_host_hop_latency_us_p50": pipe_two["hop_us_p50"], "two_host_hop_latency_us_p99": pipe_two["hop_us_p99"],
         "two_host_outputs_match_reference": pipe_two["outputs_match_reference"],
         "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "pipeline_two_hosts": pipe_two, "queue": queue,
-                    "copy": copy, "hop": hop, "hop_spin": hop_spin},
+                    "copy": copy, "hop": hop, "hop_spin": hop_spin,
+                    "stages": {k: v for k, v in stage_table.items() if k not in ("rows", "total")}},
         "ops": ops,
+        "stages": stage_table["rows"],
+        "stages_total": stage_table["total"],
         "tracing": tracing,
         "tracing_overhead": tracing["overhead"],
         "npu": npu,

@@ -1,4 +1,4 @@
-"""`afd bench`: the pipeline against a multiprocess.Queue baseline and the memory-copy bound, plus hop latency."""
+"""`afd bench`: the pipeline against a Queue baseline and the copy bound, hop latency, the operators' stage table."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from .. import bench
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark the pipeline (throughput, hop latency, Queue baseline, copy bound)")
+    p = sub.add_parser("bench", help="benchmark the pipeline (throughput, hop latency, Queue baseline, copy bound, stage table)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test; the targets stay the same)")
     p.set_defaults(handler=main)
@@ -94,6 +94,8 @@ def tables(r: dict) -> list[Table]:
     for name, measured in rows:
         tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
     tables_ = [thr, hop, tgt]
+    if r.get("stages"):
+        tables_.append(stage_table(r["stages"], r.get("stages_total"), d.get("stages") or {}))
     npu = r.get("npu") or {}
     if "combine" in npu:
         rt, c = npu.get("round_trip") or {"round_trips_per_s": None}, npu["combine"]
@@ -108,6 +110,23 @@ def tables(r: dict) -> list[Table]:
                       f"numpy pipeline {rate:.1f} micro-batch layers/s")
         tables_.append(front)
     return tables_
+
+
+def stage_table(rows: list[dict], total: dict | None = None, info: dict | None = None) -> Table:
+    """The stage table (afd.bench.stages): per operator of one micro-batch layer, ms, bytes, GB/s, vs numpy's copy."""
+    info = info or {}
+    table = Table(title="stages of one micro-batch layer, one process (afd.bench.stages)")
+    table.caption = (f"ms: {info.get('timing', 'median per micro-batch layer')}; MB: read + written (formulas in "
+                     "afd/bench/stages.py), so GB/s counts both directions; copy: np.copyto reading and writing the "
+                     f"same bytes; outputs checked against the reference layer ({info.get('checked', '?')} layers)")
+    table.add_column("stage", no_wrap=True, min_width=max(len(row["name"]) for row in rows))
+    for col in ("ms", "MB", "GB/s", "copy GB/s", "of copy"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in rows + ([total] if total else []):
+        table.add_row(row["name"], f"{row['ms']:.3f}", f"{row['bytes'] / 1e6:.3f}", f"{row['gb_per_s']:.2f}",
+                      f"{row['copy_gb_per_s']:.1f}", f"{row['fraction_of_copy']:.1%}",
+                      end_section=row is not total and row is rows[-1])
+    return table
 
 
 def _npu_combine(npu: dict) -> str:

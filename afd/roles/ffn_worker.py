@@ -50,6 +50,19 @@ class StampedWindow(FaultyWindow):
             time.sleep(0.0005)
 
 
+def run_experts(model: Model, local: list[int], batch, out: np.ndarray) -> np.ndarray:
+    """The experts of one FFN round: each group of batch.group_list through its expert (local id = layer * n_local +
+    index in `local`, the rank's global expert ids), rows [0, actual_token_num) of batch.y into out."""
+    start = 0
+    for local_id, count in batch.group_list.tolist():
+        if count == 0:
+            break
+        layer, j = divmod(int(local_id), max(1, len(local)))
+        out[start:start + count] = model.expert(layer, local[j], batch.y[start:start + count])
+        start += count
+    return out
+
+
 def prepare(rt) -> None:
     """Before registering: the bf16 `scale` expert's compiled kernel loads (once per machine: compiles) outside
     the run's heartbeat watchdog (loading it at the first expert call stalled heartbeats past 1 s under load)."""
@@ -119,13 +132,7 @@ def body(rt) -> None:
         n = int(batch.actual_token_num[0])
         out = np.empty((n, H), dtype=model.dtype)
         with rt.op("experts", round_args, device.expert_ns(n)):
-            start = 0
-            for local_id, count in batch.group_list.tolist():
-                if count == 0:
-                    break
-                layer, j = divmod(int(local_id), max(1, len(local)))
-                out[start:start + count] = model.expert(layer, local[j], batch.y[start:start + count])
-                start += count
+            run_experts(model, local, batch, out)
         f2a_bytes = n * cfg.token_bytes
         with rt.op("ffn_to_attention", {"units": units, "bytes": f2a_bytes}, device.link_ns(f2a_bytes)):
             ffn_to_attention(out, batch.session_ids[:n], batch.micro_batch_ids[:n], batch.token_ids[:n],
