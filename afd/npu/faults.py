@@ -77,6 +77,12 @@ def _trace_on() -> bool:
     return enabled()
 
 
+def quiet() -> bool:
+    """No fault pending on this rank and no straggler delay: an operator call has nothing to ask here."""
+    h = hooks()
+    return not h.pending and not h.delay_s
+
+
 def before_op(op: str, call: tuple[int, int]) -> None:
     """On the stream, right before the call runs: fire what is due."""
     h = hooks()

@@ -13,8 +13,10 @@ reads its old bytes until the block is reused, as on hardware; resolving such an
 from __future__ import annotations
 
 import bisect
+import functools
 import mmap
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -72,10 +74,11 @@ class Segment:
 class Block:
     """A piece of a segment: live (some tensor owns it) or cached (freed, readable until reused)."""
 
-    __slots__ = ("segment", "start", "size", "live", "warned", "pinned")
+    __slots__ = ("segment", "start", "size", "live", "warned", "pinned", "owner")
 
     def __init__(self, segment: Segment, start: int, size: int):
         self.segment, self.start, self.size = segment, start, size
+        self.owner = None  # a weak reference to the array that owns the live block (its death releases it)
         self.live = False
         self.warned = False
         self.pinned = False  # a segment of its own that is never cached (an HCCL window)
@@ -227,8 +230,14 @@ class NpuMemory:
     def host_bytes(self, block: Block, nbytes: int) -> np.ndarray:
         """A uint8 numpy array over the first nbytes of a live block; the block is released when it dies."""
         arr = block.segment.bytes_at(block.start, nbytes)
-        weakref.finalize(arr, self.release, block)
+        # (a plain weak reference kept on the block: a third of weakref.finalize's cost, per operator output)
+        block.owner = weakref.ref(arr, functools.partial(self._owner_died, block))
         return arr
+
+    def _owner_died(self, block: Block, _ref) -> None:
+        block.owner = None
+        if not sys.is_finalizing():  # (at exit the segments go with the process)
+            self.release(block)
 
     # -- the address space ----------------------------------------------------------------------------------------
     def find(self, address: int) -> Block | None:

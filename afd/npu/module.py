@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
+from . import streams as _streams
 from .memory import memory
 from .streams import Event, Stream, StreamError  # noqa: F401 (torch.npu.Event, torch.npu.Stream)
 
@@ -159,12 +160,16 @@ def stream(s: Stream | None):
 def synchronize(device=None) -> None:
     """Wait for every stream of the device; a kept stream error is raised here."""
     index = _device_index(device)
+    if not _streams.busy:  # no stream has work pending or an error kept
+        return
     for s in list(Stream.all_streams()):
         if s.device_index == index:
             s.synchronize()
 
 
 def empty_cache() -> None:
+    from .tensors import release_kept
+    release_kept()
     memory.empty_cache()
 
 

@@ -14,18 +14,31 @@ import numpy as np
 import torch
 
 from .. import comm
-from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, AfdError
+from ..errors import (
+    ACLNN_ERR_PARAM_INVALID,
+    ACLNN_ERR_PARAM_NULLPTR,
+    AclnnError,
+    AfdError,
+)
 from ..ops import _polling
+from ..ops import attention_worker_scheduler as _attention_scheduler_op
+from ..ops import ffn_worker_scheduler as _ffn_scheduler_op
 from ..ops._context import as_context
 from ..ops.attention_to_ffn import attention_to_ffn, check_attention_to_ffn_host
-from ..ops.attention_worker_combine import attention_worker_combine, check_attention_worker_combine_host, warm_up
-from ..ops import attention_worker_scheduler as _attention_scheduler_op
+from ..ops.attention_worker_combine import (
+    attention_worker_combine,
+    check_attention_worker_combine_host,
+    warm_up,
+)
 from ..ops.ffn_to_attention import _IDS, check_ffn_to_attention_host, ffn_to_attention
-from ..ops.ffn_worker_batching import check_ffn_worker_batching_host, ffn_worker_batching
-from ..ops import ffn_worker_scheduler as _ffn_scheduler_op
+from ..ops.ffn_worker_batching import (
+    check_ffn_worker_batching_host,
+    ffn_worker_batching,
+)
 from ..ops.ffn_worker_scheduler import check_ffn_worker_scheduler_host
-from . import faults, tensors, trace, watchdog
+from . import direct, faults, tensors, trace, watchdog
 from .memory import memory
+from .module import current_stream
 from .tensors import numpy_of
 
 SCHEMAS = {
@@ -93,13 +106,13 @@ def _need_npu(op: str, **named) -> None:
             continue
         if not isinstance(t, torch.Tensor):
             raise NpuOpError(op, AclnnError(name, f"must be a tensor, got {type(t).__name__}", ACLNN_ERR_PARAM_INVALID))
-        if t.device.type != "npu":
+        if not tensors.is_npu(t):
             raise NpuOpError(op, AclnnError(name, f"must be an npu tensor, got one on {t.device}",
                                             ACLNN_ERR_PARAM_INVALID))
 
 
 def _context_tensor(op: str, t) -> None:
-    if type(t) is torch.Tensor and t.dtype is torch.int8 and t.dim() == 1 and t.device.type == "npu" and \
+    if type(t) is torch.Tensor and t.dtype is torch.int8 and t.dim() == 1 and tensors.is_npu(t) and \
             t.is_contiguous() and t.numel():
         return  # the common case, in one test
     if t is None:
@@ -140,8 +153,7 @@ def _int_list(op: str, name: str, value, length: int | None = None) -> list[int]
 
 
 def _stream_of(t: torch.Tensor):
-    from .module import current_stream
-    return current_stream(t.device.index or 0)
+    return current_stream(t.get_device())
 
 
 def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = None, explain=None,
@@ -150,6 +162,12 @@ def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = No
     An op that never waits (waits=False) runs at once in the caller when the stream has nothing pending, as
     ordinary tensor work does; its failure is still kept for the next sync, like any stream error."""
     stream = _stream_of(device_tensor)
+    if not waits and stream.idle() and faults.quiet() and not trace.enabled():
+        try:  # nothing to fire, delay or record, and nothing to wait for: the kernel is the whole call
+            kernel()
+        except BaseException as exc:
+            stream._queue.keep_error(op, exc)
+        return
     call = faults.next_call(op)
 
     def task():
@@ -258,7 +276,7 @@ def npu_attention_worker_combine(schedule_context, expert_scales, layer_id, hidd
             _warn_stopped(op)
             return {"stopped": True}
         out_next[...] = nxt
-        return {"micro_batch": int(ctx.attention.micro_batch_id)}
+        return {"micro_batch": int(ctx.attention.micro_batch_id)} if trace.enabled() else None
 
     _launch(op, schedule_context, kernel, {"need_schedule": need_schedule},
             explain=lambda w: _missing(w, _slot_owner), owed_by=_combine_owed, waits=bool(need_schedule))
@@ -508,4 +526,5 @@ def install() -> None:
         has_side_effect(torch.ops.npu.npu_attention_to_ffn.default)
         has_side_effect(torch.ops.npu.npu_ffn_to_attention.default)
         _libs.append(lib)
+        direct.install(torch.ops.npu, {name: kernel for name, (kernel, _) in KERNELS.items()})
     warm_kernels_in_background()

@@ -40,6 +40,11 @@ class _Task:
         self.fn, self.name, self.always = fn, name, always
 
 
+# The queues with work launched and not done, or a kept error (set add/discard are atomic under the GIL): a
+# synchronize() with both empty has nothing to wait for, the common case after an operator ran inline.
+busy: set = set()
+
+
 class _Queue:
     """One stream's work: launched and finished counts, the worker, the sticky error."""
 
@@ -56,6 +61,7 @@ class _Queue:
     def launch(self, fn, name: str, always: bool = False) -> int:
         with self.cond:
             self.launched += 1
+            busy.add(self)
             self.tasks.append(_Task(fn, name, always))
             if self.thread is None:
                 self.thread = threading.Thread(target=self._work, name=f"npu stream {self.stream_ref.stream_id}",
@@ -83,6 +89,8 @@ class _Queue:
                     self.tasks.popleft()
                     self.done += 1
                     self.running = None
+                    if self.done == self.launched and self.error is None:
+                        busy.discard(self)
                     self.cond.notify_all()
 
     def idle(self) -> bool:
@@ -93,6 +101,7 @@ class _Queue:
         with self.cond:
             if self.error is None:
                 self.error = (name, exc)
+            busy.add(self)
         watchdog.announce(f"npu:{self.stream_ref.device_index} stream {self.stream_ref.stream_id}: "
                           f"{name} failed: {type(exc).__name__}: {exc}")
 
@@ -100,6 +109,8 @@ class _Queue:
         """Raise (once) the sticky error of this stream."""
         with self.cond:
             err, self.error = self.error, None
+            if self.done == self.launched:
+                busy.discard(self)
         if err is not None:
             raise StreamError(self.stream_ref, err[0], err[1]) from err[1]
 

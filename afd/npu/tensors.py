@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 
 import numpy as np
 import torch
@@ -48,20 +49,35 @@ def _retag(t: torch.Tensor, device_type: int, index: int) -> torch.Tensor:
     return _dlpack.from_dlpack(capsule)
 
 
+_DEVICE_AT = _DLTensorHead.device.offset
+_DTYPE_AT = _DLTensorHead.dtype.offset
+_NPU_DEVICES: dict[int, bytes] = {}  # index -> the DLDevice bytes of npu:index
+_BF16_CODE = bytes([KDL_BFLOAT])
+
+
 def _npu_from_numpy(arr: np.ndarray, dtype: torch.dtype, index: int) -> torch.Tensor:
     """An npu tensor over a numpy array's bytes in one DLPack import (bfloat16 from an int16 array): the array
-    stays alive, and its finalizer pending, as long as the tensor's storage."""
+    stays alive, and its finalizer pending, as long as the tensor's storage. (Operator outputs come this way:
+    one memmove per field rewritten, no ctypes structure made.)"""
     capsule = arr.__dlpack__()
-    head = _DLTensorHead.from_address(_capsule_pointer(capsule, b"dltensor"))
-    head.device.device_type, head.device.device_id = KDL_EXT_DEV, index
-    if dtype == torch.bfloat16:
-        head.dtype.code = KDL_BFLOAT
+    head = _capsule_pointer(capsule, b"dltensor")
+    device = _NPU_DEVICES.get(index)
+    if device is None:
+        device = _NPU_DEVICES[index] = bytes(_DLDevice(KDL_EXT_DEV, index))
+    ctypes.memmove(head + _DEVICE_AT, device, 8)
+    if dtype is torch.bfloat16:
+        ctypes.memmove(head + _DTYPE_AT, _BF16_CODE, 1)
     return torch._C._from_dlpack(capsule)
+
+
+def is_npu(t: torch.Tensor) -> bool:
+    """On npu: neither CPU nor meta, the only other devices of a CPU build of torch (a third of t.device.type)."""
+    return not (t.is_cpu or t.is_meta)
 
 
 def as_cpu(t: torch.Tensor) -> torch.Tensor:
     """A CPU tensor over the same bytes, shape and strides (no copy)."""
-    if t.device.type != "npu":
+    if not is_npu(t):
         return t
     return _retag(t, KDL_CPU, 0)
 
@@ -162,17 +178,76 @@ def empty_together(shapes, dtypes, index: int | None = None) -> tuple[list[torch
     one allocation and one release for an operator's outputs. The block goes back to the allocator when the last
     of them dies."""
     index = current_index() if index is None else int(index)
-    sizes = [tuple(int(s) for s in shape) for shape in shapes]
-    nbytes = [math.prod(size) * itemsize(dtype) for size, dtype in zip(sizes, dtypes)]
-    offsets, total = [], 0
-    for n in nbytes:
-        offsets.append(total)
-        total += max(ROUND, (n + ROUND - 1) // ROUND * ROUND)
+    key = (tuple(map(tuple, shapes)), tuple(dtypes), index)
+    plan = _together.get(key)
+    if plan is None:
+        plan = _together[key] = _together_plan(*key[:2])
+    total, parts, bases = plan
+    kept = _kept.get(key) if total <= KEEP_BYTES else None
+    if kept:
+        for entry in kept:
+            if _unused(entry, bases):
+                return list(entry[0]), list(entry[1])
     base = memory.host_bytes(memory.allocate(total), total)
-    arrays = [base[o:o + n].view(_FROM_NUMPY[dtype]).reshape(size)
-              for o, n, size, dtype in zip(offsets, nbytes, sizes, dtypes)]
-    return [_npu_from_numpy(a, d, index) for a, d in zip(arrays, dtypes)], \
-        [a.view(_np_dtype(d)) if d == torch.bfloat16 else a for a, d in zip(arrays, dtypes)]
+    tensors, arrays = [], []
+    for start, end, size, dtype, shaped, np_dtype in parts:
+        arr = base[start:end].view(shaped).reshape(size)
+        tensors.append(_npu_from_numpy(arr, dtype, index))
+        arrays.append(arr if np_dtype is None else arr.view(np_dtype))
+    if total <= KEEP_BYTES:
+        kept = _kept.setdefault(key, [])
+        if len(kept) < KEEP_PER_SHAPE:
+            kept.append((tuple(tensors), tuple(arrays)))
+    return tensors, arrays
+
+
+# Outputs an operator made, kept to be handed out again once nobody else holds them (the next call of the same
+# operator at the same shapes, as a decode loop makes): a fresh output costs ~30 us of DLPack import and
+# allocator work, a kept one a few refcount reads. Small outputs only, two per shape; torch.npu.empty_cache()
+# lets them go. While kept, their blocks count as allocated, and a stale data_ptr() of one reads its current
+# bytes with no freed-block warning.
+KEEP_BYTES = 1 << 20
+KEEP_PER_SHAPE = 2
+_kept: dict = {}
+_together: dict = {}  # key -> (total bytes, per output (start, end, size, dtype, shaped, np dtype), refcount bases)
+_storage_use_count = torch._C._storage_Use_Count
+
+
+def _unused(entry, bases) -> bool:
+    """True when only the keep list holds these outputs: no Python reference, no other tensor (a view, a CPU alias
+    a queued op holds) on their storage, and no kernel still writing through the arrays."""
+    tensors, arrays = entry
+    for t in tensors:  # (the references: the entry, the loop variable, getrefcount's argument)
+        if sys.getrefcount(t) != 3 or t._use_count() != 1 or _storage_use_count(t.untyped_storage()._cdata) != 2:
+            return False
+    i = 0
+    for a in arrays:  # (no zip: its reused result tuple would hold a reference too)
+        if sys.getrefcount(a) != bases[i]:
+            return False
+        i += 1
+    return True
+
+
+def release_kept() -> None:
+    """Let the kept outputs go (torch.npu.empty_cache): their blocks return to the allocator."""
+    _kept.clear()
+
+
+def _together_plan(shapes, dtypes):
+    parts, total = [], 0
+    for shape, dtype in zip(shapes, dtypes):
+        size = tuple(int(s) for s in shape)
+        n = math.prod(size) * itemsize(dtype)
+        parts.append((total, total + n, size, dtype, _FROM_NUMPY[dtype],
+                      _np_dtype(dtype) if dtype == torch.bfloat16 else None))
+        total += max(ROUND, (n + ROUND - 1) // ROUND * ROUND)
+    if len(_together) > 256:
+        _together.clear()
+        _kept.clear()
+    # an array's references when unused: the entry, the loop, getrefcount's argument, and, when it is the array
+    # the tensor was imported from (no dtype view over it), the tensor's DLPack context
+    bases = tuple(3 + (p[5] is None) for p in parts)
+    return total, parts, bases
 
 
 def to_npu_copy(r: torch.Tensor, index: int) -> torch.Tensor:
@@ -210,7 +285,7 @@ def numpy_of(t: torch.Tensor) -> np.ndarray:
     and is kept by (address, shape, strides, dtype): an operator called every step with the same tensors pays for
     it once; a kept view only views the bytes at that address, as right for a later tensor there as for the first.
     """
-    if t.device.type != "npu":
+    if not is_npu(t):
         return t.view(torch.int16).numpy().view(_np_dtype(t.dtype)) if t.dtype == torch.bfloat16 else t.numpy()
     key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
     arr = _views.get(key)

@@ -131,3 +131,34 @@ def test_the_out_of_place_scheduler_schedules_a_copy_of_the_context():
     mb = lambda t: int(np.frombuffer(t.cpu().numpy().tobytes(), np.uint32)[288 // 4])  # attention.micro_batch_id
     assert mb(out) == 0 and mb(side.context) == 1  # the copy advanced, the holder's context did not
     assert side.flags[0].sum().item() == 0  # the window is shared: its flags were consumed
+
+
+def test_a_plain_call_skips_the_dispatcher_and_gives_what_the_dispatcher_gives(monkeypatch):
+    """torch_npu.<op> is still torch.ops.npu.<op> (an OpOverloadPacket); a call the dispatcher would only pass on
+    goes straight to the npu kernel, anything else still through the dispatcher, with its errors."""
+    from torch._ops import OpOverloadPacket
+    side = attention_side()
+    side.holder._impl.get_schedule_context().attention.micro_batch_id = 0
+    packet = torch_npu.npu_attention_worker_combine
+    assert isinstance(packet, OpOverloadPacket) and packet is torch.ops.npu.npu_attention_worker_combine
+    calls = []
+    kernel = packet._kernel
+    monkeypatch.setattr(packet, "_kernel", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    scales, lid = torch.rand(side.BS, side.K).npu(), torch.zeros(1, dtype=torch.int32).npu()
+    y, nxt = torch_npu.npu_attention_worker_combine(side.context, scales, lid, side.H, token_dtype=1)
+    assert calls == [1]
+    y2, nxt2 = torch.ops.npu.npu_attention_worker_combine.default(side.context, scales, lid, side.H, token_dtype=1)
+    assert calls == [1]  # (the OpOverload is the dispatcher's way)
+    assert torch.equal(y.cpu().view(torch.int16), y2.cpu().view(torch.int16)) and torch.equal(nxt.cpu(), nxt2.cpu())
+    with pytest.raises(RuntimeError, match="positional"):  # token_dtype is keyword-only in the schema
+        torch_npu.npu_attention_worker_combine(side.context, scales, lid, side.H, 1)
+    with pytest.raises(RuntimeError, match="hidden_size"):
+        torch_npu.npu_attention_worker_combine(side.context, scales, lid, "7168")
+    with pytest.raises(NpuOpError, match="expert_scales: must be an npu tensor"):
+        torch_npu.npu_attention_worker_combine(side.context, scales.cpu(), lid, side.H)
+    mode = FakeTensorMode()
+    fake = [mode.from_tensor(t) for t in (side.context, scales, lid)]
+    with mode:
+        y3, _ = torch_npu.npu_attention_worker_combine(*fake, side.H, token_dtype=1)
+    assert tuple(y3.shape) == (side.BS, side.H) and y3.dtype == torch.bfloat16
+    assert calls == [1]
