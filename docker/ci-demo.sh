@@ -25,7 +25,7 @@ LOAD_PIDS=()
 # Both cores kept busy by two spinning shells: the external stop must end every container 0 on a loaded machine,
 # as a shared CI runner is (issue 11: a stop under load once ended agent-attn as "controller lost").
 busy() { for _ in 1 2; do ( while :; do :; done ) & LOAD_PIDS+=("$!"); done; }
-unbusy() { for p in "${LOAD_PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; LOAD_PIDS=(); }
+unbusy() { for p in "${LOAD_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; LOAD_PIDS=(); }
 
 say() { printf '\n==> %s\n' "$*"; STEP="$*"; }
 fail() { echo "ci-demo: FAILED: $*" >&2; exit 1; }
