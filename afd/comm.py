@@ -50,6 +50,28 @@ class LocalWindow:
         slots = self.bytes[offset:offset + n_slots * stride].reshape(n_slots, stride)
         slots[index, :width] = np.ascontiguousarray(rows).view(np.uint8).reshape(len(index), width)
 
+    def put_rows_of(self, offset: int, stride: int, index: np.ndarray, src: np.ndarray, src_index: np.ndarray) -> None:
+        """put_rows(offset, stride, index, src[src_index]) without the temporary: each row copied once (compiled),
+        for a C-contiguous 2-D src; numpy's two passes otherwise."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.size == 0:
+            return
+        if src.ndim != 2 or not src.flags.c_contiguous:
+            self.put_rows(offset, stride, index, src[src_index])
+            return
+        width = src.shape[1] * src.dtype.itemsize
+        if offset < 0 or offset + int(index.max()) * stride + width > self.size or int(index.min()) < 0:
+            raise KernelError("window", f"write of {index.size} rows at offset {offset} stride {stride} "
+                                        f"runs past the {self.size}-byte window")
+        src_index = np.asarray(src_index, dtype=np.int64)
+        if src_index.shape != index.shape or int(src_index.min()) < 0 or int(src_index.max()) >= src.shape[0]:
+            raise KernelError("window", f"source rows {src_index.tolist()[:8]} do not match {index.size} slots of "
+                                        f"a source of {src.shape[0]} rows")
+        from .ops._kernels import copy_rows  # (the roles and the fake NPU load it ahead: warm_up_copy_rows)
+        n_slots = (self.size - offset) // stride
+        slots = self.bytes[offset:offset + n_slots * stride].reshape(n_slots, stride)
+        copy_rows(slots, index, src.view(np.uint8).reshape(src.shape[0], width), src_index, width)
+
     def put_i32(self, offset: int, index: np.ndarray, values) -> None:
         index = np.asarray(index, dtype=np.int64)
         if index.size == 0:

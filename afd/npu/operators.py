@@ -241,8 +241,12 @@ def warm_kernels_in_background() -> None:
     no first call waits for them and none loads under the watchdog."""
     global _warming
     if _warming is None:
-        _warming = threading.Thread(target=lambda: [_ensure_warm(code) for code in (1, 0)], name="afd npu warm-up",
-                                    daemon=True)
+        def warm():
+            from ..ops._kernels import warm_up_copy_rows
+            warm_up_copy_rows()  # (npu_ffn_to_attention's row copy)
+            for code in (1, 0):
+                _ensure_warm(code)
+        _warming = threading.Thread(target=warm, name="afd npu warm-up", daemon=True)
         _warming.start()
 
 

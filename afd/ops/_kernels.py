@@ -146,3 +146,21 @@ def scale_pairs_bf16(src, p, out):
         for j in range(src.shape[1]):
             w = r[j]
             o[j] = to_bf16(lo(w, False) * p) | (to_bf16(hi(w, False) * p) << _U16)
+
+
+@_jit
+def copy_rows(dst, dst_index, src, src_index, width):
+    """dst[dst_index[i], :width] = src[src_index[i], :width] for every i (uint8 rows): a row scatter-gather in one
+    pass (numpy's fancy indexing makes it two: a gather into a temporary, then the scatter). The byte loop is
+    what LLVM turns into a vector copy (measured: 0.47 ms for 432 rows of 14336 B, np.copyto of them 0.45 ms;
+    a loop over uint64 words 0.56 ms)."""
+    for i in range(dst_index.shape[0]):
+        d = dst[dst_index[i]]
+        s = src[src_index[i]]
+        for j in range(width):
+            d[j] = s[j]
+
+
+def warm_up_copy_rows() -> None:
+    """Load (once per machine: compile) copy_rows for the window writes' types, before any watchdog runs."""
+    copy_rows(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), 1)

@@ -64,10 +64,12 @@ def run_experts(model: Model, local: list[int], batch, out: np.ndarray) -> np.nd
 
 
 def prepare(rt) -> None:
-    """Before registering: the bf16 `scale` expert's compiled kernel loads (once per machine: compiles) outside
-    the run's heartbeat watchdog (loading it at the first expert call stalled heartbeats past 1 s under load)."""
+    """Before registering: the compiled kernels this role runs (the F2A row copy; the bf16 `scale` expert) load
+    (once per machine: compile) outside the run's heartbeat watchdog (loading one at its first call stalled
+    heartbeats past 1 s under load)."""
+    from ..ops._kernels import scale_pairs_bf16, warm_up_copy_rows
+    warm_up_copy_rows()
     if rt.cfg is None or (rt.cfg.expert_kind == "scale" and rt.cfg.token_dtype == "bf16"):
-        from ..ops._kernels import scale_pairs_bf16
         scale_pairs_bf16(np.zeros((1, 1), np.uint32), np.float32(1.0), np.zeros((1, 1), np.uint32))
 
 
