@@ -285,6 +285,15 @@ class FaultyWindow:
             return
         self.window.put_rows(offset, stride, index, rows)
 
+    def put_rows_of(self, offset, stride, index, src, src_index):
+        """put_rows(offset, stride, index, src[src_index]): the window's own single-pass copy when it has one."""
+        fault = self.hooks.window_fault
+        inner = getattr(self.window, "put_rows_of", None)
+        if inner is None or (fault is not None and fault.kind == "reorder" and len(index)):
+            self.put_rows(offset, stride, index, src[src_index])
+            return
+        inner(offset, stride, index, src, src_index)
+
     def put_i32(self, offset, index, values):
         fault = self.hooks.window_fault
         index = np.asarray(index)

@@ -11,6 +11,13 @@ from ._session import attach_session
 from ._schedule import total_units, unit
 
 
+def prepare(rt) -> None:
+    """Before registering: A2F's compiled row copy loads (once per machine: compiles) outside the run's watchdogs
+    (a first compile inside the run stalled heartbeats past the 1 s hang bound)."""
+    from ..ops._kernels import warm_up_copy_rows
+    warm_up_copy_rows()
+
+
 def body(rt) -> None:
     cfg, mem = rt.cfg, rt.mem
     s, ctx, stream = attach_session(rt, "attn")

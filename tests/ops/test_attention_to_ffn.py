@@ -187,3 +187,33 @@ def test_checks_name_field_and_rule(group, change, err, match):
     x = change.pop("x", make_x())
     with pytest.raises(err, match=match):
         send(group, x, **change)
+
+
+def _numpy_copy_rows(dst, dst_index, src, src_index, width):
+    dst[dst_index, :width] = src[src_index, :width]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_row_copy_writes_the_bytes_numpy_writes(dev, monkeypatch, seed):
+    """Random tokens and routes, fp16 / bf16 / int8 (quant_mode 2): the FFN windows hold the same bytes with the
+    compiled row copy (each token's K+1 slots from its row, no gathered temporary) as with numpy's gather."""
+    from afd.ops import _kernels
+    rng = np.random.default_rng(seed)
+    dtype, quant = [(np.float16, 0), (BF16, 0), (BF16, 2)][seed % 3]
+    x = rng.standard_normal((1, BS, H), dtype=np.float32).astype(dtype)
+    experts = rng.integers(0, 4, (1, BS, K)).astype(np.int32)
+    images = []
+    for copy in (_kernels.copy_rows, _numpy_copy_rows):
+        monkeypatch.setattr(_kernels, "copy_rows", copy)
+        windows = {}
+        for r in FFN_RANKS:
+            windows[r] = LocalWindow(dev, dev.malloc(FFN_SIZE).address, FFN_SIZE)
+            windows[r].bytes[:] = 7
+        for r in ATTN_RANKS:
+            windows[r] = LocalWindow(dev, dev.malloc(1024).address, 1024)
+        g = Group(f"a2f-copy-{seed}-{len(images)}", 4, windows, notify=None)
+        send(g, x, experts=experts, quant_mode=quant,  # (int8 tokens: 64 B + their fp32 scale, in 128-byte slots)
+             ffn_token_data_shape=[A, M, BS, K1, 128 if quant else HS])
+        images.append([windows[r].bytes.copy() for r in FFN_RANKS])
+    for fast, slow in zip(*images):
+        assert np.array_equal(fast, slow)
