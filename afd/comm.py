@@ -60,6 +60,8 @@ class LocalWindow:
             self.put_rows(offset, stride, index, src[src_index])
             return
         width = src.shape[1] * src.dtype.itemsize
+        if width > stride:  # (put_rows fails on it too: a row would spill into the next slot)
+            raise KernelError("window", f"rows of {width} bytes do not fit slots {stride} bytes apart")
         if offset < 0 or offset + int(index.max()) * stride + width > self.size or int(index.min()) < 0:
             raise KernelError("window", f"write of {index.size} rows at offset {offset} stride {stride} "
                                         f"runs past the {self.size}-byte window")

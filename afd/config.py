@@ -255,9 +255,10 @@ DEFAULT_CONFIG: dict[str, Any] = {"name": "default"}
 def _format_error(exc: ValidationError) -> ConfigError:
     errors = exc.errors()
     err = errors[0]
-    if err["loc"] and err["loc"][-1] in ("int", "float"):  # a number (int | float): say the float branch's rule
-        same = [e for e in errors if e["loc"][:-1] == err["loc"][:-1]]
-        err = next((e for e in same if e["loc"][-1] == "float"), err)
+    same = [e for e in errors if e["loc"] and e["loc"][:-1] == err["loc"][:-1]]
+    if err["loc"] and err["type"] != "extra_forbidden" and {e["loc"][-1] for e in same} == {"int", "float"}:
+        # a number (int | float) that is neither: say the float branch's rule, at the key itself
+        err = next(e for e in same if e["loc"][-1] == "float")
         err = {**err, "loc": err["loc"][:-1]}
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]

@@ -126,7 +126,7 @@ def _when(spec: str, when: str, when_keys: tuple, param_keys: set) -> tuple[dict
                 values[key] = float(value) if key == "t" else int(value)
             except ValueError:
                 raise ConfigError(f"fault {spec!r}", f"{key} must be a number, got {value!r}") from None
-            if not (math.isfinite(values[key]) and values[key] >= 0):
+            if not (values[key] >= 0 and (key != "t" or math.isfinite(values[key]))):
                 raise ConfigError(f"fault {spec!r}", f"{key} must be a finite number >= 0, got {value.strip()}")
         elif key in param_keys:
             params[key] = value.strip()

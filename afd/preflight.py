@@ -40,7 +40,7 @@ class Has:
     max_processes: int
 
 
-def sizes(cfg: config_mod.Config) -> dict:
+def sizes(cfg) -> dict:
     """Every allocation a run of `cfg` makes, per attention session, per FFN rank and run-wide (bytes)."""
     c = cfg
     attn = c.attention_layout()
@@ -110,7 +110,7 @@ def max_processes() -> int:
         if limit <= 0:
             raise ConfigError("AFD_MAX_PROCESSES", f"must be > 0, got {limit}")
     soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
-    if soft != resource.RLIM_INFINITY:
+    if soft != resource.RLIM_INFINITY and os.getuid() != 0:  # (the kernel does not apply it to root)
         limit = min(limit, max(1, soft - _processes_of_user()))
     return limit
 

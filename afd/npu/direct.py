@@ -44,8 +44,9 @@ class DirectPacket(OpOverloadPacket):
     def _plain(self, args, kwargs) -> bool:
         # (torch.compile needs no test here: dynamo records a call of an OpOverloadPacket in its graph without
         # tracing into it, and the graph's fake-tensor pass fails the exact-type test below)
-        if len(args) > len(self._positional) or _len_dispatch_stack() or _len_function_stack():
-            return False
+        if len(args) > len(self._positional) or _len_dispatch_stack() or _len_function_stack() or \
+                _tracing_state() is not None or _profiling() or _transforms_active():
+            return False  # (a mode, torch.jit.trace, the profiler, vmap/grad/functionalize: the dispatcher's way)
         seen = set()
         for (name, kind), value in zip(self._positional, args):
             if not _fits(kind, value):
@@ -67,6 +68,10 @@ def install(namespace, kernels: dict) -> None:
             setattr(namespace, name, DirectPacket(packet, kernel))
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_tracing_state = torch._C._get_tracing_state
+_profiling = torch._C._autograd._profiler_enabled
+_transforms_active = torch._C._are_functorch_transforms_active
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 _len_function_stack = torch._C._len_torch_function_stack
 _Tensor = torch.Tensor
@@ -79,7 +84,7 @@ def _fits(kind: int, value) -> bool:
     if kind == _OPT_TENSOR:
         return True
     if kind == _INT:
-        return type(value) is int
+        return type(value) is int and _INT64[0] <= value <= _INT64[1]
     if kind == _INT_LIST:
-        return type(value) in (list, tuple) and all(type(v) is int for v in value)
+        return type(value) in (list, tuple) and all(type(v) is int and _INT64[0] <= v <= _INT64[1] for v in value)
     return type(value) is str

@@ -146,8 +146,11 @@ def _run_into_outs(op, args, kwargs, index: int, outs):
 
 
 def _queue(op, args, kwargs, index: int, stream, written: tuple[str, ...]):
-    """Launch an op behind the stream's pending work. An in-place or out= op returns its written arguments (out=
-    ones were sized already); a functional one gets its outputs now, shaped by the op's meta kernel."""
+    """Launch an op behind the stream's pending work, checked now by its meta kernel. An in-place or out= op returns
+    its written arguments (out= ones were sized already); a functional one gets its outputs now, of the meta
+    kernel's shapes."""
+    margs, mkw = _map_all(_to_meta, args, kwargs)
+    meta = op(*margs, **mkw)  # (also the shape and dtype check of an in-place or out= op, at the call)
     sargs, skw = _map_all(_snapshot, args, kwargs)  # host tensors as they are now (npu ones untouched)
     cargs, ckw, _ = _aliases(sargs, skw)
     if written:
@@ -156,7 +159,6 @@ def _queue(op, args, kwargs, index: int, stream, written: tuple[str, ...]):
         values = [named[n] for n in written]
         stream.launch(lambda: op(*cargs, **ckw), str(op))
         return values[0] if len(values) == 1 else tuple(values)
-    margs, mkw = _map_all(_to_meta, args, kwargs)
     results = []
 
     def alloc(m):
@@ -164,7 +166,7 @@ def _queue(op, args, kwargs, index: int, stream, written: tuple[str, ...]):
         results.append(out)
         return out
 
-    npu_out = _map(alloc, op(*margs, **mkw))
+    npu_out = _map(alloc, meta)
 
     def task():
         produced = op(*cargs, **ckw)

@@ -526,9 +526,9 @@ def install() -> None:
             kernel, meta = KERNELS[name]
             lib.impl(name, kernel, "PrivateUse1")
             torch.library.register_fake(f"npu::{name}", meta, lib=lib)
-        from torch.fx.node import has_side_effect
+        direct.install(torch.ops.npu, {name: kernel for name, (kernel, _) in KERNELS.items()})
+        from torch.fx.node import has_side_effect  # (on the packets torch.ops.npu now holds: FX keeps the writes)
         has_side_effect(torch.ops.npu.npu_attention_to_ffn.default)
         has_side_effect(torch.ops.npu.npu_ffn_to_attention.default)
         _libs.append(lib)
-        direct.install(torch.ops.npu, {name: kernel for name, (kernel, _) in KERNELS.items()})
     warm_kernels_in_background()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -185,19 +186,22 @@ def empty_together(shapes, dtypes, index: int | None = None) -> tuple[list[torch
     total, parts, bases = plan
     kept = _kept.get(key) if total <= KEEP_BYTES else None
     if kept:
-        for entry in kept:
-            if _unused(entry, bases):
-                return list(entry[0]), list(entry[1])
+        with _kept_lock:
+            for entry in kept:
+                if _unused(entry, bases):
+                    return list(entry[0]), list(entry[1])
     base = memory.host_bytes(memory.allocate(total), total)
     tensors, arrays = [], []
     for start, end, size, dtype, shaped, np_dtype in parts:
         arr = base[start:end].view(shaped).reshape(size)
         tensors.append(_npu_from_numpy(arr, dtype, index))
         arrays.append(arr if np_dtype is None else arr.view(np_dtype))
-    if total <= KEEP_BYTES:
-        kept = _kept.setdefault(key, [])
-        if len(kept) < KEEP_PER_SHAPE:
-            kept.append((tuple(tensors), tuple(arrays)))
+    if total <= KEEP_BYTES and KEEPING:
+        with _kept_lock:
+            kept = _kept.setdefault(key, [])
+            if len(kept) < KEEP_PER_SHAPE:
+                views = sys.getrefcount(base) - 2  # the block's views now (not this name, not the argument): ours
+                kept.append((tuple(tensors), tuple(arrays), base, views))
     return tensors, arrays
 
 
@@ -208,7 +212,9 @@ def empty_together(shapes, dtypes, index: int | None = None) -> tuple[list[torch
 # bytes with no freed-block warning.
 KEEP_BYTES = 1 << 20
 KEEP_PER_SHAPE = 2
+KEEPING = sys.version_info < (3, 14)  # (3.14 may report smaller refcounts: the counts below would not hold)
 _kept: dict = {}
+_kept_lock = threading.Lock()
 _together: dict = {}  # key -> (total bytes, per output (start, end, size, dtype, shaped, np dtype), refcount bases)
 _storage_use_count = torch._C._storage_Use_Count
 
@@ -216,7 +222,9 @@ _storage_use_count = torch._C._storage_Use_Count
 def _unused(entry, bases) -> bool:
     """True when only the keep list holds these outputs: no Python reference, no other tensor (a view, a CPU alias
     a queued op holds) on their storage, and no kernel still writing through the arrays."""
-    tensors, arrays = entry
+    tensors, arrays, base, views = entry
+    if sys.getrefcount(base) != views + 3:  # a numpy view of an output (its base is the block) is held
+        return False
     for t in tensors:  # (the references: the entry, the loop variable, getrefcount's argument)
         if sys.getrefcount(t) != 3 or t._use_count() != 1 or _storage_use_count(t.untyped_storage()._cdata) != 2:
             return False

@@ -162,3 +162,24 @@ def test_a_plain_call_skips_the_dispatcher_and_gives_what_the_dispatcher_gives(m
         y3, _ = torch_npu.npu_attention_worker_combine(*fake, side.H, token_dtype=1)
     assert tuple(y3.shape) == (side.BS, side.H) and y3.dtype == torch.bfloat16
     assert calls == [1]
+
+
+def test_fx_keeps_the_window_writes_and_traced_or_profiled_calls_take_the_dispatcher(monkeypatch):
+    """The packets torch.ops.npu holds (the direct ones) are the side-effectful ones FX keeps; under the
+    profiler or torch.jit.trace a call goes through the dispatcher, where they see the op."""
+    from torch.fx.node import _side_effectful_functions
+    assert torch.ops.npu.npu_attention_to_ffn.default in _side_effectful_functions
+    assert torch.ops.npu.npu_ffn_to_attention.default in _side_effectful_functions
+    side = attention_side()
+    side.holder._impl.get_schedule_context().attention.micro_batch_id = 0
+    packet = torch_npu.npu_attention_worker_combine
+    calls = []
+    kernel = packet._kernel
+    monkeypatch.setattr(packet, "_kernel", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    scales, lid = torch.rand(side.BS, side.K).npu(), torch.zeros(1, dtype=torch.int32).npu()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch_npu.npu_attention_worker_combine(side.context, scales, lid, side.H, token_dtype=1)
+    assert calls == [] and any(e.name == "npu::npu_attention_worker_combine" for e in prof.events())
+    with pytest.raises(RuntimeError):  # beyond int64: the dispatcher's overflow error, not the kernel's
+        torch_npu.npu_attention_worker_combine(side.context, scales, lid, 1 << 70)
+    assert calls == []

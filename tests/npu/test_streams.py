@@ -93,3 +93,21 @@ def test_current_and_default_streams_are_per_device_and_thread():
     assert torch.npu.current_stream() == torch.npu.default_stream()
     x = torch.ones(4, device="npu")
     x.record_stream(s)  # accepted (nothing to do: queued work keeps its tensors alive)
+
+
+@pytest.mark.timeout(30)
+def test_an_in_place_op_of_the_wrong_shape_behind_pending_work_fails_at_the_call():
+    """Queued behind a waiting combine, add_ of a mismatched shape is refused at the call by its meta kernel (as on
+    an idle stream), after the work before it, not later on the stream where it would fail every kernel after it."""
+    from afd.npu.tensors import numpy_of
+    side = attention_side()
+    scales = torch.rand(side.BS, side.K).npu()
+    y, _ = torch_npu.npu_attention_worker_combine(side.context, scales, torch.zeros(1, dtype=torch.int32).npu(),
+                                                  side.H, token_dtype=1, need_schedule=1)
+    a, b = torch.zeros(4, 8).npu(), torch.zeros(3, 8).npu()
+    flags = numpy_of(side.flags)
+    threading.Timer(0.3, lambda: flags[0].fill(1)).start()  # the peer's F2A, from outside the streams
+    with pytest.raises(RuntimeError, match="must match the size of tensor b"):  # (the CPU kernel's own words)
+        a.add_(b)
+    torch.npu.synchronize()  # nothing was left failed on the stream
+    assert y.cpu().view(torch.int16).equal(expected_combine(side, 0, scales).view(torch.int16))

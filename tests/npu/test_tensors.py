@@ -77,3 +77,8 @@ def test_a_kept_combine_output_holds_the_new_call_s_results_and_a_held_one_keeps
     assert y.data_ptr() != address
     assert torch.equal(kept.cpu().view(torch.int16), expected_combine(side, 0, b).view(torch.int16))
     assert torch.equal(y.cpu().view(torch.int16), expected_combine(side, 0, a).view(torch.int16))
+
+
+def test_a_numpy_view_of_an_output_keeps_it_from_coming_back():
+    assert not _comes_back(lambda ts, arrays: arrays[0][1:])
+    assert not _comes_back(lambda ts, arrays: arrays[1][:])

@@ -80,3 +80,11 @@ def test_the_compiled_row_copy_is_taken_where_the_layout_allows_it(monkeypatch, 
     src = np.ones((3, h + strided), BF16)[:, :h]
     _window(offset + 4 * h * 2).put_rows_of(offset, h * 2, np.array([2, 0]), src, np.array([1, 2]))
     assert bool(calls) is compiled
+
+
+def test_a_row_wider_than_its_slot_is_an_error_not_a_write_into_the_next_slot():
+    from afd.errors import KernelError
+    win = _window(512 + 4 * 64)
+    with pytest.raises(KernelError, match="do not fit slots 64 bytes apart"):
+        win.put_rows_of(512, 64, np.array([0]), np.ones((1, 36), np.float16), np.array([0]))
+    assert not win.bytes.any()
