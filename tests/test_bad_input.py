@@ -31,9 +31,11 @@ CONFIGS = {
     "bad-fault-in-config": "faults: ['explode:ffn0']\n",
 }
 FAULTS = ["explode", "kill:ffn9", "drop-flag:attn0", "kill:ffn0@step=x", "kill:ffn0@when=1", "delay:ffn0@ms=abc",
-          "corrupt:sched0@field=nope", "stop@t=1,step=2", "kill:ffn0@step=-1", "hang:controller"]
+          "corrupt:sched0@field=nope", "stop@t=1,step=2", "kill:ffn0@step=-1", "hang:controller", "stop@t=nan",
+          "delay:ffn0@ms=inf"]
 CLI = [["nosuchcommand"], ["run", "--steps", "abc"], ["run", "--set", "novalue"], ["context", "decode"],
-       ["faults", "campaign", "--runs", "0"], ["run", "missing.yaml"]]
+       ["faults", "campaign", "--runs", "0"], ["run", "missing.yaml"], ["run", "--set", "float=1"],
+       ["check", "--set", "hang_timeout_s=.inf"]]
 
 
 def _run_in_process(argv, capsys):
