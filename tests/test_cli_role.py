@@ -97,19 +97,24 @@ def test_roles_started_one_by_one_complete_and_match(tmp_path, env):
     assert (health / "sched0").read_text() == "completed"
 
 
+def _wait_running(env, within: float = 60.0) -> None:
+    """Until combine0's health file says running (the run has started), at most `within` seconds."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        probe = subprocess.run([sys.executable, "-m", "afd.health", "combine0", "--phase", "running"], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            return
+        time.sleep(0.2)
+    assert probe.returncode == 0, probe.stdout
+
+
 @pytest.mark.timeout(120)
 def test_afd_stop_ends_a_run_of_separately_started_roles(tmp_path, env):
     procs = _start(tmp_path, env, steps=100000)
     try:
         health = Path(env["AFD_HEALTH_DIR"])
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            probe = subprocess.run([sys.executable, "-m", "afd.health", "combine0", "--phase", "running"], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            time.sleep(0.2)
-        assert probe.returncode == 0, probe.stdout
+        _wait_running(env)
         time.sleep(0.5)
         stop = subprocess.run([sys.executable, "-m", "afd", "stop"], env=env, capture_output=True, text=True,
                               timeout=30)
@@ -132,14 +137,7 @@ def test_a_controller_silent_after_its_stop_is_an_orderly_end_not_a_lost_control
     procs = _start(tmp_path, env, steps=100000)
     ctl = procs["controller"]
     try:
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            probe = subprocess.run([sys.executable, "-m", "afd.health", "combine0", "--phase", "running"], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            time.sleep(0.2)
-        assert probe.returncode == 0, probe.stdout
+        _wait_running(env)
         monkeypatch.setenv("AFD_RUN_DIR", env["AFD_RUN_DIR"])
         assert main(["stop", "--wait", "0"]) == 0  # (in this process: the freeze follows the ack within ms)
         os.kill(ctl.pid, signal.SIGSTOP)
