@@ -120,6 +120,16 @@ class Group:
 _groups: dict[str, Group] = {}
 
 
+def put_rows_of(win, offset: int, stride: int, index: np.ndarray, src: np.ndarray, src_index: np.ndarray) -> None:
+    """win.put_rows(offset, stride, index, src[src_index]), through the window's single-pass copy when it has
+    one (local windows, and fault-wrapped ones over them); others get the gathered rows."""
+    put = getattr(win, "put_rows_of", None)
+    if put is None:
+        win.put_rows(offset, stride, index, src[src_index])
+    else:
+        put(offset, stride, index, src, src_index)
+
+
 def register(group: Group) -> Group:
     _groups[group.name] = group
     return group

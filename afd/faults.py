@@ -1,15 +1,16 @@
 """Fault plans: `KIND[:TARGET][@WHEN]` specs, when they fire, what firing does, and the outcome each kind must end in."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
 import time
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .comm import put_rows_of
 from .errors import ConfigError
 
 KINDS = ("stop", "kill", "hang", "drop-flag", "delay", "corrupt", "reorder")
@@ -288,11 +289,10 @@ class FaultyWindow:
     def put_rows_of(self, offset, stride, index, src, src_index):
         """put_rows(offset, stride, index, src[src_index]): the window's own single-pass copy when it has one."""
         fault = self.hooks.window_fault
-        inner = getattr(self.window, "put_rows_of", None)
-        if inner is None or (fault is not None and fault.kind == "reorder" and len(index)):
-            self.put_rows(offset, stride, index, src[src_index])
+        if fault is not None and fault.kind == "reorder" and len(index):
+            self.put_rows(offset, stride, index, src[src_index])  # (held back there)
             return
-        inner(offset, stride, index, src, src_index)
+        put_rows_of(self.window, offset, stride, index, src, src_index)
 
     def put_i32(self, offset, index, values):
         fault = self.hooks.window_fault

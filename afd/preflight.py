@@ -163,9 +163,10 @@ def _culprit(cfg, keys=SIZE_KEYS) -> str:
     return max(keys, key=lambda k: ratio[k])
 
 
-def check(cfg) -> None:
-    """ConfigError when the run cannot fit this machine: processes, shared memory, RAM."""
-    need, have = needs(cfg), has()
+def check(cfg, need: Needs | None = None, have: Has | None = None) -> None:
+    """ConfigError when the run cannot fit this machine: processes, shared memory, RAM (figures computed
+    here unless given)."""
+    need, have = need or needs(cfg), have or has()
     c = cfg
     shape = (f"A={c.sessions} F={c.ffn_ranks} M={c.micro_batch_num} BS={c.micro_batch_size} K+1={c.selected} "
              f"H={c.hidden_size}")

@@ -78,7 +78,7 @@ def main(args) -> int:
         problems.append(("micro_batch_num", f"FFNToAttention requires M == 1 on A3, got {c.micro_batch_num}"))
     need, have = preflight.needs(c), preflight.has()
     try:
-        preflight.check(c)
+        preflight.check(c, need, have)
         misfit = None
     except ConfigError as exc:  # valid, but it does not fit this machine: afd run would refuse it
         misfit = exc

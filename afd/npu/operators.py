@@ -162,12 +162,22 @@ def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = No
     An op that never waits (waits=False) runs at once in the caller when the stream has nothing pending, as
     ordinary tensor work does; its failure is still kept for the next sync, like any stream error."""
     stream = _stream_of(device_tensor)
-    if not waits and stream.idle() and faults.quiet() and not trace.enabled():
-        try:  # nothing to fire, delay or record, and nothing to wait for: the kernel is the whole call
-            kernel()
+    inline = not waits and stream.idle()
+    if inline and faults.quiet() and not trace.enabled():
+        task = kernel  # nothing to fire, delay or record, and nothing to wait for: the kernel is the whole call
+    else:
+        task = _hooked(op, stream, kernel, args, explain, owed_by)
+    if inline:
+        try:
+            task()
         except BaseException as exc:
             stream._queue.keep_error(op, exc)
         return
+    stream.launch(task, op)
+
+
+def _hooked(op: str, stream, kernel, args, explain, owed_by):
+    """kernel() with the fault hooks, the straggler delay, the watchdog's context and the trace span."""
     call = faults.next_call(op)
 
     def task():
@@ -185,14 +195,7 @@ def _launch(op: str, device_tensor: torch.Tensor, kernel, args: dict | None = No
         finally:
             watchdog.set_context()
             trace.span(op, stream, t0, time.monotonic_ns(), call, args, extra)
-
-    if not waits and stream.idle():
-        try:
-            task()
-        except BaseException as exc:
-            stream._queue.keep_error(op, exc)
-        return
-    stream.launch(task, op)
+    return task
 
 
 def _policy():

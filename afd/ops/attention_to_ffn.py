@@ -254,12 +254,8 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
         sel = order[lo:hi]
         win = group.window(r)
         _wait_consumed(win, record, r, s, mb, idle)
-        put_rows_of = getattr(win, "put_rows_of", None)  # (a local window: each row copied once, no temporary)
         src, rows = (x[0], tok[sel]) if payload is None else (payload, sel)
-        if put_rows_of is not None:
-            put_rows_of(data_offset, stride, slots[sel], src, rows)
-        else:
-            win.put_rows(data_offset, stride, slots[sel], src[rows])
+        comm.put_rows_of(win, data_offset, stride, slots[sel], src, rows)  # (each row copied once, no temporary)
         win.put_i32(record + 8, tok[sel] * k1 + kk[sel], local[sel])
     got = set(ranks.tolist())
     targets = sorted(got) if sync_flag == 1 else list(range(ffn_start, ffn_start + ffn_num))

@@ -151,11 +151,7 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
     for rank, lo, hi in zip(ranks.tolist(), starts.tolist(), ends.tolist()):
         rows = order[lo:hi]
         win = group.window(rank)
-        put_rows_of = getattr(win, "put_rows_of", None)  # (a local window: each row copied once, no temporary)
-        if put_rows_of is not None:
-            put_rows_of(info_bytes, stride, slots[rows], x, rows)
-        else:
-            win.put_rows(info_bytes, stride, slots[rows], x[rows])
+        comm.put_rows_of(win, info_bytes, stride, slots[rows], x, rows)  # (each row copied once, no temporary)
         win.put_i32(0, slots[rows], VALID_FLAG)  # after the data: a reader that sees the flag sees the slot
         group.notify(rank)
         sent[rank] = np.unique(slots[rows] // (bs * k1)).tolist()
