@@ -24,6 +24,17 @@ def combine_reference(data: np.ndarray, scales: np.ndarray, dtype: np.dtype) -> 
     return acc.astype(dtype)
 
 
+def attention_reference(h: np.ndarray, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The attention stand-in in numpy: v = f32(h) * w; v / (1 + |v|) in fp32; rounded to dtype."""
+    v = h.astype(np.float32) * w
+    return (v / (np.float32(1) + np.abs(v))).astype(dtype)
+
+
+def is_pair_rows(x: np.ndarray) -> bool:
+    """Rows the compiled kernels take as 32-bit words of two 16-bit values: C-contiguous 2-D, even H."""
+    return x.ndim == 2 and x.shape[1] % 2 == 0 and x.flags.c_contiguous and x.dtype.itemsize == 2
+
+
 def digest(y: np.ndarray) -> int:
     """A 32-bit fingerprint of one micro-batch output (its bytes)."""
     return zlib.crc32(np.ascontiguousarray(y).view(np.uint8)) & 0xFFFFFFFF
@@ -60,10 +71,21 @@ class Model:
         return np.roll(self.base_input(session, micro_batch), step, axis=1)
 
     # -- attention side ----------------------------------------------------------------------------
-    def attention(self, layer: int, h: np.ndarray) -> np.ndarray:
+    def attention(self, layer: int, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The attention stand-in a = softsign(f32(h) * w) = v / (1 + |v|), rounded to the token dtype: bounded
+        like tanh, but made of IEEE operations only, so the compiled one-pass kernel and numpy agree bit for bit
+        (tanh's last bit depends on the library). Into `out` when given (a role reuses one buffer: A2F copies
+        a out of it)."""
         w = self._memo(("attn", layer), lambda: self._rng(_SEED_ATTN, layer).uniform(
             0.5, 1.5, self.cfg.hidden_size).astype(np.float32))
-        return np.tanh(h.astype(np.float32) * w).astype(self.dtype)
+        if is_pair_rows(h) and h.dtype == self.dtype:
+            from .ops._kernels import attention_pairs_bf16, attention_pairs_f16
+            if out is None or not is_pair_rows(out) or out.shape != h.shape or out.dtype != self.dtype:
+                out = np.empty(h.shape, self.dtype)
+            kernel = attention_pairs_bf16 if self.dtype == DTYPES["bf16"] else attention_pairs_f16
+            kernel(h.view(np.uint32), w, out.view(np.uint32))
+            return out
+        return attention_reference(h, w, self.dtype)
 
     def gate(self, layer: int, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-K routed expert ids (BS, K) int32 and their softmax scales (BS, K) float32."""
@@ -91,17 +113,37 @@ class Model:
         return self._memo(("expert", layer, expert), lambda: self._rng(_SEED_EXPERT, layer, expert).standard_normal(
             (c.hidden_size, c.hidden_size)) / np.sqrt(c.hidden_size))
 
-    def expert(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
-        """One expert on rows x (n, H). `linear` accumulates in float64 so row grouping cannot change the result."""
+    def expert(self, layer: int, expert: int, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """One expert on rows x (n, H), into `out` when given. `linear` accumulates in float64 so row grouping
+        cannot change the result."""
         p = self.expert_param(layer, expert)
         if self.cfg.expert_kind == "scale":
-            if self.dtype == DTYPES["bf16"] and x.ndim == 2 and x.shape[1] % 2 == 0 and x.flags.c_contiguous:
-                from .ops._kernels import scale_pairs_bf16  # the same rounding in one pass (~1.5x faster)
+            if out is None:
                 out = np.empty(x.shape, self.dtype)
-                scale_pairs_bf16(x.view(np.uint32), np.float32(p), out.view(np.uint32))
+            if is_pair_rows(x) and is_pair_rows(out) and x.dtype == out.dtype == self.dtype:
+                from .ops._kernels import (  # the same rounding, in one pass
+                    scale_groups_bf16,
+                    scale_groups_f16,
+                )
+                kernel = scale_groups_bf16 if self.dtype == DTYPES["bf16"] else scale_groups_f16
+                kernel(x.view(np.uint32), np.array([[0, x.shape[0]]], np.int64), np.array([p], np.float32),
+                       out.view(np.uint32))
                 return out
-            return (x.astype(np.float32) * p).astype(self.dtype)
-        return (x.astype(np.float64) @ p).astype(self.dtype)
+            out[...] = (x.astype(np.float32) * p).astype(self.dtype)
+            return out
+        y = (x.astype(np.float64) @ p).astype(self.dtype)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+
+    def scale_params(self, local: list[int]) -> np.ndarray:
+        """The `scale` experts' factors of an FFN rank holding experts `local` (global ids), as one float32 array
+        indexed by local expert id layer * len(local) + index (what the grouped kernel takes)."""
+        def make():
+            return np.array([self.expert_param(layer, e) for layer in range(self.cfg.layers) for e in local],
+                            np.float32)
+        return self._memo(("scale_params", tuple(local)), make)
 
     # -- reference ---------------------------------------------------------------------------------
     def layer(self, layer: int, h: np.ndarray) -> np.ndarray:

@@ -245,8 +245,10 @@ def warm_kernels_in_background() -> None:
     global _warming
     if _warming is None:
         def warm():
-            from ..ops._kernels import warm_up_copy_rows
-            warm_up_copy_rows()  # (npu_ffn_to_attention's row copy)
+            from ..ops._kernels import warm_up_attention_to_ffn, warm_up_batching, warm_up_copy_rows
+            warm_up_copy_rows()  # (the window writers' row copy and sort by rank)
+            warm_up_attention_to_ffn()
+            warm_up_batching()
             for code in (1, 0):
                 _ensure_warm(code)
         _warming = threading.Thread(target=warm, name="afd npu warm-up", daemon=True)

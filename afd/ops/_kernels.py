@@ -3,8 +3,8 @@
 The combine's numpy form widens, multiplies, reduces and narrows in four passes (~10x a plain read of the
 micro-batch); here each pair of 16-bit values is loaded once as a 32-bit word, widened by a shift or a mask, and
 summed in registers. Results are bit-identical to the numpy form: fp32, k in order, multiply then add (numba
-does not contract into FMA without fastmath), round-to-nearest-even on the way back to bfloat16. The bf16
-`scale` expert (the model's cheap expert) is the same widen-multiply-round in one pass.
+does not contract into FMA without fastmath), round-to-nearest-even on the way back to bfloat16. The `scale`
+expert (the model's cheap expert) and the attention stand-in are the same widen-compute-round in one pass.
 Compiled once per machine and cached on disk next to this module (numba's cache, keyed by the source); importing
 this module costs ~0.5 s (numba), so the ops import it on first use.
 """
@@ -16,9 +16,10 @@ from numba import types
 from numba.extending import intrinsic
 
 _U16 = np.uint32(16)
+_ONE = np.float32(1.0)
 _F16_TO_F32_SCALE = np.float32(2.0 ** 112)  # rebias a 5-bit exponent into the 8-bit one (exact, subnormals too)
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-_inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+_inline = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
 
 
 @intrinsic
@@ -67,10 +68,40 @@ def to_bf16(v):
     return nan if v != v else rounded
 
 
+_F16_MAX_BITS = np.uint32((127 + 16) << 23)  # 65536.0: at or above it fp16 is inf (or NaN)
+_F16_NORMAL_BITS = np.uint32(113 << 23)  # 2**-14, fp16's smallest normal
+_DENORM_MAGIC = np.float32(0.5)  # 0.5 = 2**-1: adding it aligns fp16's 10 subnormal mantissa bits at the bottom
+
+
 @_inline
-def _combine_pairs(src, scales, half, acc, out_bf16, out_f32):
-    """src (BS, >=K+1, H/2) uint32 words of two 16-bit values; scales (BS, K) f32; acc (2, H/2) f32 scratch.
-    bf16 writes out_bf16 (BS, H/2) uint32 words; fp16 writes the fp32 sums to out_f32 (BS, H) for numpy's cast."""
+def to_f16(v):
+    """fp32 -> fp16 bits, round to nearest even, as numpy's cast: overflow to inf, subnormals rounded by one
+    fp32 add (its RNE does the rounding), NaN kept a NaN with its sign and top payload bits."""
+    u = as_u32(v)
+    sign = (u >> _U16) & np.uint32(0x8000)
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= _F16_MAX_BITS:
+        if a > np.uint32(0x7F800000):  # NaN: numpy keeps the payload's top bits, and a NaN (never inf)
+            payload = (a >> np.uint32(13)) & np.uint32(0x3FF)
+            return sign | np.uint32(0x7C00) | (payload if payload else np.uint32(1))
+        return sign | np.uint32(0x7C00)
+    if a < _F16_NORMAL_BITS:
+        return sign | (as_u32(as_f32(a) + _DENORM_MAGIC) - as_u32(_DENORM_MAGIC))
+    # rebias the exponent (127 -> 15) and round on the 13 dropped bits; a carry into the exponent is right
+    return sign | ((a - np.uint32((127 - 15) << 23) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1)))
+                   >> np.uint32(13))
+
+
+@_inline
+def narrow(v, half):
+    """fp32 -> the 16 bits of the token dtype (fp16 or bf16), round to nearest even."""
+    return to_f16(v) if half else to_bf16(v)
+
+
+@_inline
+def _combine_pairs(src, scales, half, acc, out):
+    """src (BS, >=K+1, H/2) uint32 words of two 16-bit values; scales (BS, K) f32; acc (2, H/2) f32 scratch;
+    out (BS, H/2) uint32 words of two values of the same dtype, rounded to nearest even."""
     bs = src.shape[0]
     h2 = src.shape[2]
     k = scales.shape[1]
@@ -114,38 +145,84 @@ def _combine_pairs(src, scales, half, acc, out_bf16, out_f32):
                 a1[j] = a1[j] + hi(r0[j], half) * s0
             kk += 1
         shared = src[i, k]  # the shared expert's slot: weight 1.0, added as is
-        if half:
-            of = out_f32[i]
-            for j in range(h2):
-                of[2 * j] = a0[j] + lo(shared[j], half)
-                of[2 * j + 1] = a1[j] + hi(shared[j], half)
-        else:
-            ob = out_bf16[i]
-            for j in range(h2):
-                ob[j] = to_bf16(a0[j] + lo(shared[j], half)) | (to_bf16(a1[j] + hi(shared[j], half)) << _U16)
+        ob = out[i]
+        for j in range(h2):
+            ob[j] = narrow(a0[j] + lo(shared[j], half), half) | (narrow(a1[j] + hi(shared[j], half), half) << _U16)
 
 
 @_jit
 def combine_pairs_bf16(src, scales, acc, out):
     """bf16 slots -> bf16 y (out: BS x H/2 words); `half` is a constant here, so its branches compile away."""
-    _combine_pairs(src, scales, False, acc, out, out)
+    _combine_pairs(src, scales, False, acc, out)
 
 
 @_jit
 def combine_pairs_f16(src, scales, acc, out):
-    """fp16 slots -> fp32 sums (out: BS x H) for numpy's RNE cast to fp16."""
-    _combine_pairs(src, scales, True, acc, out, out)
+    """fp16 slots -> fp16 y (out: BS x H/2 words)."""
+    _combine_pairs(src, scales, True, acc, out)
 
 
-@_jit
-def scale_pairs_bf16(src, p, out):
-    """out = bf16(f32(src) * p) for rows of bf16 pairs (n x H/2 words): the `scale` expert in one pass."""
-    for i in range(src.shape[0]):
+@_inline
+def _scale_rows(src, start, stop, p, half, out):
+    for i in range(start, stop):
         r = src[i]
         o = out[i]
         for j in range(src.shape[1]):
             w = r[j]
-            o[j] = to_bf16(lo(w, False) * p) | (to_bf16(hi(w, False) * p) << _U16)
+            o[j] = narrow(lo(w, half) * p, half) | (narrow(hi(w, half) * p, half) << _U16)
+
+
+@_inline
+def _scale_groups(src, group_list, params, half, out):
+    start = 0
+    for g in range(group_list.shape[0]):
+        expert, count = group_list[g, 0], group_list[g, 1]
+        if count == 0:
+            break
+        if expert < 0 or expert >= params.shape[0] or count < 0 or start + count > src.shape[0]:
+            return -1 - g
+        _scale_rows(src, start, start + count, params[expert], half, out)
+        start += count
+    return start
+
+
+@_jit
+def scale_groups_bf16(src, group_list, params, out):
+    """The `scale` expert over a whole batch: the rows of group g (group_list[g] = [local expert id, count], in
+    order, up to a [.., 0] row) times params[id], in one pass; returns the rows done, or -1 - g for a bad group."""
+    return _scale_groups(src, group_list, params, False, out)
+
+
+@_jit
+def scale_groups_f16(src, group_list, params, out):
+    """scale_groups_bf16 for fp16 rows."""
+    return _scale_groups(src, group_list, params, True, out)
+
+
+@_inline
+def _attention_rows(src, w, half, out):
+    for i in range(src.shape[0]):
+        r = src[i]
+        o = out[i]
+        for j in range(src.shape[1]):
+            word = r[j]
+            v0 = lo(word, half) * w[2 * j]
+            v1 = hi(word, half) * w[2 * j + 1]
+            # softsign v / (1 + |v|): IEEE add, abs and divide, so every build and numpy agree bit for bit
+            o[j] = narrow(v0 / (_ONE + abs(v0)), half) | (narrow(v1 / (_ONE + abs(v1)), half) << _U16)
+
+
+
+@_jit
+def attention_pairs_bf16(src, w, out):
+    """The attention stand-in a = softsign(f32(h) * w) on rows of bf16 pairs (BS x H/2 words), in one pass."""
+    _attention_rows(src, w, False, out)
+
+
+@_jit
+def attention_pairs_f16(src, w, out):
+    """attention_pairs_bf16 for fp16 rows."""
+    _attention_rows(src, w, True, out)
 
 
 @_jit
@@ -162,5 +239,140 @@ def copy_rows(dst, dst_index, src, src_index, width):
 
 
 def warm_up_copy_rows() -> None:
-    """Load (once per machine: compile) copy_rows for the window writes' types, before any watchdog runs."""
+    """Load (once per machine: compile) what every window writer runs (copy_rows for the window writes' types,
+    group_by_rank), before any watchdog runs."""
     copy_rows(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), 1)
+    group_by_rank(np.zeros(1, np.int64), 0, 1, np.zeros(1, np.int64), np.zeros(2, np.int64))
+
+
+def warm_up_attention_to_ffn() -> None:
+    """Load (once per machine: compile) AttentionToFFN's routes for the op's argument types."""
+    i64 = [np.zeros(1, np.int64) for _ in range(4)]
+    a2f_routes(np.zeros((1, 1), np.int32), np.zeros((2, 3), np.int32), 0, 1, 1, 0, 1, 0, i64[0],
+               np.zeros(1, np.int32), *i64[1:])
+
+
+def warm_up_batching() -> None:
+    """Load (once per machine: compile) FfnWorkerBatching's sort for the op's argument types."""
+    i32 = [np.zeros(1, np.int32) for _ in range(4)]
+    batch_slots(np.zeros((1, 1), np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64), 1, 1, 1, 1, -1, -2,
+                np.zeros(1, np.int64), np.zeros(1, np.int64), *i32, np.zeros((1, 2), np.int64))
+
+
+def warm_up_attention(half: bool) -> None:
+    """Load (once per machine: compile) the attention stand-in's kernel for fp16 (half) or bf16."""
+    (attention_pairs_f16 if half else attention_pairs_bf16)(
+        np.zeros((1, 1), np.uint32), np.zeros(2, np.float32), np.zeros((1, 1), np.uint32))
+
+
+def warm_up_scale(half: bool) -> None:
+    """Load (once per machine: compile) the grouped `scale` expert's kernel for fp16 (half) or bf16."""
+    (scale_groups_f16 if half else scale_groups_bf16)(
+        np.zeros((1, 1), np.uint32), np.zeros((1, 2), np.int64), np.zeros(1, np.float32), np.zeros((1, 1), np.uint32))
+
+
+# -- the ops' per-slot bookkeeping (ids, routes, counting sorts) in one pass each ---------------------------------
+# Each returns a status instead of raising: >= 0 is the result, a negative one points the caller to the value its
+# numpy checks then name (so the error messages stay the ops' own).
+
+@_jit
+def batch_slots(ids, sessions, mbs, expert_num, m, bs, k1, sentinel_a, sentinel_b, counts, src, sess_out, mb_out,
+                tok_out, k_out, group_list):
+    """FfnWorkerBatching's sort: the valid (non-sentinel) ids of ids (rows x BS*(K+1)) counted by expert, then
+    placed stably (flat order within an expert, as a stable argsort); src gets each placed slot's row in the FFN
+    data region, the *_out arrays its session, micro-batch, token and k (zero past n), group_list [expert, count]
+    rows in ascending expert order then zeros. Returns n, or -1 - i for the first flat index i of a bad id."""
+    per_row = bs * k1
+    counts[:] = 0
+    flat = ids.reshape(ids.size)
+    for i in range(flat.shape[0]):
+        e = flat[i]
+        if e == sentinel_a or e == sentinel_b:
+            continue
+        if e < 0 or e >= expert_num:
+            return -1 - i
+        counts[e] += 1
+    n = 0
+    g = 0
+    group_list[:] = 0
+    for e in range(expert_num):
+        c = counts[e]
+        counts[e] = n  # now the next free position of expert e
+        if c:
+            group_list[g, 0] = e
+            group_list[g, 1] = c
+            g += 1
+            n += c
+    for i in range(flat.shape[0]):
+        e = flat[i]
+        if e == sentinel_a or e == sentinel_b:
+            continue
+        pos = counts[e]
+        counts[e] = pos + 1
+        row = i // per_row
+        rest = i - row * per_row
+        token = rest // k1
+        k = rest - token * k1
+        src[pos] = ((sessions[row] * m + mbs[row]) * bs + token) * k1 + k
+        sess_out[pos] = sessions[row]
+        mb_out[pos] = mbs[row]
+        tok_out[pos] = token
+        k_out[pos] = k
+    for arr in (sess_out, mb_out, tok_out, k_out):
+        arr[n:] = 0
+    return n
+
+
+@_jit
+def group_by_rank(dst, rank_lo, rank_hi, order, starts):
+    """A stable counting sort of dst (ranks) in [rank_lo, rank_hi): order gets the indices rank by rank, starts
+    (rank_hi - rank_lo + 1) each rank's first position. Returns 0, or -1 - i for the first i out of range."""
+    starts[:] = 0
+    for i in range(dst.shape[0]):
+        r = dst[i]
+        if r < rank_lo or r >= rank_hi:
+            return -1 - i
+        starts[r - rank_lo + 1] += 1
+    for j in range(1, starts.shape[0]):
+        starts[j] += starts[j - 1]
+    fill = starts[:-1].copy()
+    for i in range(dst.shape[0]):
+        j = dst[i] - rank_lo
+        order[fill[j]] = i
+        fill[j] += 1
+    return 0
+
+
+@_jit
+def a2f_routes(routed, layer_table, session, moe_expert_num, shared, rank_lo, rank_hi, slot_base, dst, local, tok,
+               info_index, slots):
+    """AttentionToFFN's routes: for token t and slot k (K routed ids, then the shared experts moe_expert_num + j),
+    the expert's table row [count, rank_0, local_0, ...] picks replica session % count; dst/local get its FFN rank
+    and local id, tok the token, info_index t*(K+1) + k, slots slot_base + that. Returns 0, or 1 (an id outside
+    [0, moe_expert_num)), 2 (a replica count outside [1, (Mtab-1)//2]) or 3 (a rank outside [rank_lo, rank_hi))."""
+    cur_bs, k = routed.shape
+    k1 = k + shared
+    max_count = (layer_table.shape[1] - 1) // 2
+    for t in range(cur_bs):
+        for kk in range(k1):
+            if kk < k:
+                e = routed[t, kk]
+                if e < 0 or e >= moe_expert_num:
+                    return 1
+            else:
+                e = moe_expert_num + kk - k
+            row = layer_table[e]
+            count = row[0]
+            if count < 1 or count > max_count:
+                return 2
+            replica = session % count
+            r = row[1 + 2 * replica]
+            if r < rank_lo or r >= rank_hi:
+                return 3
+            i = t * k1 + kk
+            dst[i] = r
+            local[i] = row[2 + 2 * replica]
+            tok[i] = t
+            info_index[i] = i
+            slots[i] = slot_base + i
+    return 0

@@ -7,7 +7,12 @@ import ml_dtypes
 import numpy as np
 
 from .. import comm
-from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
+from ..errors import (
+    ACLNN_ERR_PARAM_INVALID,
+    ACLNN_ERR_PARAM_NULLPTR,
+    AclnnError,
+    KernelError,
+)
 from ..layout import VALID_FLAG, align512
 from . import _limits
 from ._polling import Idle, Waiting, sched_yield
@@ -216,18 +221,9 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
         cur_bs = int(np.count_nonzero(active_mask[0]))
         if not active_mask[0, :cur_bs].all():
             raise KernelError("active_mask", "true entries must come before false ones")
-    routed = expert_ids[0, :cur_bs].astype(np.int64)
-    _in_range("expert_ids", routed, 0, moe_expert_num)
-    experts = np.empty((cur_bs, k1), np.int64)
-    experts[:, :k] = routed
-    experts[:, k:] = moe_expert_num + np.arange(shared)
-    rows = layer_table[experts]  # (curBs, K+1, Mtab)
-    count = rows[..., 0].astype(np.int64)
-    _in_range("expert_rank_table", count, 1, (mtab - 1) // 2 + 1)  # the replica count column
-    replica = s % count
-    dst = np.take_along_axis(rows, (1 + 2 * replica)[..., None], axis=2)[..., 0].astype(np.int64)
-    local = np.take_along_axis(rows, (2 + 2 * replica)[..., None], axis=2)[..., 0].astype(np.int32)
-    _in_range("expert_rank_table", dst, ffn_start, ffn_start + ffn_num)
+    record_slot = (s * m + mb) * bs * k1  # the first slot of this (session, mb) record in the data region
+    dst, local, tok, info_index, slots = _routes(expert_ids[0, :cur_bs], layer_table, s, moe_expert_num, shared,
+                                                 ffn_start, ffn_num, record_slot)
 
     # Active mask: our own attention flags of the padded tokens will never be written back, so pre-set them.
     if cur_bs < bs:
@@ -235,29 +231,26 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
         group.window(int(rank)).put_i32(0, np.arange(first, first + (bs - cur_bs) * k1), VALID_FLAG)
 
     # Payload per (token, k): plain rows, or int8 + scale (per expert when smooth scales are given).
-    tok = np.repeat(np.arange(cur_bs), k1)
-    kk = np.tile(np.arange(k1), cur_bs)
-    dst, local, flat_experts = dst.reshape(-1), local.reshape(-1), experts.reshape(-1)
     if quant_mode == 2:
-        payload = _quant_payload(x[0, :cur_bs], tok, flat_experts, scales, lid if n_layers > 1 else 0, h)
+        flat_experts = np.empty((cur_bs, k1), np.int64)
+        flat_experts[:, :k] = expert_ids[0, :cur_bs]
+        flat_experts[:, k:] = moe_expert_num + np.arange(shared)
+        payload = _quant_payload(x[0, :cur_bs], tok, flat_experts.reshape(-1), scales, lid if n_layers > 1 else 0, h)
     else:
         payload = None
     record_bytes = 4 * info_ints
     record = (s * m + mb) * record_bytes
     data_offset = align512(a * m * info_ints * 4)
     stride = hs * itemsize
-    slots = (((s * m + mb) * bs + tok) * k1 + kk)
-    order = np.argsort(dst, kind="stable")
-    ranks, starts = np.unique(dst[order], return_index=True)
-    ends = np.append(starts[1:], order.size)
-    for r, lo, hi in zip(ranks.tolist(), starts.tolist(), ends.tolist()):
+    order, bounds = comm.by_rank(dst, world_size)
+    for r, lo, hi in bounds:
         sel = order[lo:hi]
         win = group.window(r)
         _wait_consumed(win, record, r, s, mb, idle)
         src, rows = (x[0], tok[sel]) if payload is None else (payload, sel)
         comm.put_rows_of(win, data_offset, stride, slots[sel], src, rows)  # (each row copied once, no temporary)
-        win.put_i32(record + 8, tok[sel] * k1 + kk[sel], local[sel])
-    got = set(ranks.tolist())
+        win.put_i32(record + 8, info_index[sel], local[sel])
+    got = {r for r, _, _ in bounds}
     targets = sorted(got) if sync_flag == 1 else list(range(ffn_start, ffn_start + ffn_num))
     for r in targets:  # after every data write (the kernel's SyncAll)
         win = group.window(r)
@@ -268,6 +261,37 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
     log.debug("session %d mb %d layer %d: %d slots to %d FFN ranks, headers to %s", s, mb, lid, slots.size,
               len(got), targets)
     return {"session": s, "micro_batch": mb, "layer": lid, "routes": dst.reshape(cur_bs, k1), "headers": targets}
+
+
+def _routes(routed: np.ndarray, layer_table: np.ndarray, session: int, moe_expert_num: int, shared: int,
+            ffn_start: int, ffn_num: int, record_slot: int):
+    """Per (token, k) slot, token-major: its FFN rank, local expert id, token, index in the record's id list
+    (t*(K+1) + k) and slot in the data region; one compiled pass, the numpy checks naming a bad value otherwise."""
+    from ._kernels import a2f_routes
+    cur_bs, k = routed.shape
+    n = cur_bs * (k + shared)
+    dst, tok, info_index, slots = (np.empty(n, np.int64) for _ in range(4))
+    local = np.empty(n, np.int32)
+    status = a2f_routes(np.ascontiguousarray(routed, np.int32), np.ascontiguousarray(layer_table, np.int32),
+                        session, moe_expert_num, shared, ffn_start, ffn_start + ffn_num, record_slot, dst, local, tok,
+                        info_index, slots)
+    if status:
+        _check_routes(routed, layer_table, session, moe_expert_num, shared, ffn_start, ffn_num)
+        raise KernelError("expert_rank_table", f"route check {status} failed")  # (the checks above name it first)
+    return dst, local, tok, info_index, slots
+
+
+def _check_routes(routed, layer_table, session, moe_expert_num, shared, ffn_start, ffn_num) -> None:
+    """The routes' value checks in numpy, for the message: ids, the replica counts, then the ranks they pick."""
+    routed = routed.astype(np.int64)
+    _in_range("expert_ids", routed, 0, moe_expert_num)
+    experts = np.concatenate([routed, np.broadcast_to(moe_expert_num + np.arange(shared),
+                                                      (routed.shape[0], shared))], axis=1)
+    rows = layer_table[experts]  # (curBs, K+1, Mtab)
+    count = rows[..., 0].astype(np.int64)
+    _in_range("expert_rank_table", count, 1, (layer_table.shape[1] - 1) // 2 + 1)  # the replica count column
+    dst = np.take_along_axis(rows, (1 + 2 * (session % count))[..., None], axis=2)[..., 0].astype(np.int64)
+    _in_range("expert_rank_table", dst, ffn_start, ffn_start + ffn_num)
 
 
 def _quant_payload(x_rows: np.ndarray, tok: np.ndarray, experts: np.ndarray, scales, layer: int,

@@ -46,7 +46,8 @@ def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype, out: 
     """
     bs, k = expert_scales.shape
     h = data.shape[2]
-    if h % 2 == 0 and data.strides[2] == 2 and data.strides[1] % 4 == 0 and data.ctypes.data % 4 == 0:
+    if (h % 2 == 0 and data.strides[2] == 2 and data.strides[1] % 4 == 0 and data.ctypes.data % 4 == 0
+            and np.dtype(out_dtype) == data.dtype):
         return _combine_compiled(data, np.ascontiguousarray(expert_scales, np.float32), out_dtype, out)
     k1 = k + 1
     scales = np.asarray(expert_scales, np.float32)[:, :, None]
@@ -94,20 +95,17 @@ def _combine_compiled(data: np.ndarray, scales: np.ndarray, out_dtype, out: np.n
     bs, _, h = data.shape
     words = data.view(np.uint32)  # (BS, K1, H/2): rows start 4-byte aligned, checked by the caller
     acc = np.empty((2, h // 2), np.float32)
-    half = np.dtype(data.dtype) == TOKEN_DTYPES[0]
-    if half:  # fp16: the kernel leaves the fp32 sums, numpy's cast rounds them (RNE)
-        sums = np.empty((bs, h), np.float32)
-        combine_pairs_f16(words, scales, acc, sums)
-        return _cast_into(sums, out_dtype, out)
-    if out is not None and out.flags.c_contiguous:  # the kernel writes its pairs straight into the caller's y
-        combine_pairs_bf16(words, scales, acc, out.view(np.uint32).reshape(bs, h // 2))
+    dtype = np.dtype(data.dtype)
+    kernel = combine_pairs_f16 if dtype == TOKEN_DTYPES[0] else combine_pairs_bf16  # each rounds to its dtype
+    if out is not None and out.flags.c_contiguous and out.dtype == dtype:  # straight into the caller's y
+        kernel(words, scales, acc, out.view(np.uint32).reshape(bs, h // 2))
         return out
     pairs = np.empty((bs, h // 2), np.uint32)
-    combine_pairs_bf16(words, scales, acc, pairs)
+    kernel(words, scales, acc, pairs)
     if out is not None:
-        out[...] = pairs.view(TOKEN_DTYPES[1])
+        out[...] = pairs.view(dtype)
         return out
-    return pairs.view(TOKEN_DTYPES[1])
+    return pairs.view(dtype)
 
 
 def check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size, token_dtype,

@@ -145,10 +145,8 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
         return sent
     info_bytes = align512(m * bs * k1 * 4)
     stride = hs * x.dtype.itemsize
-    order = np.argsort(dst, kind="stable")  # keeps row order within a destination
-    ranks, starts = np.unique(dst[order], return_index=True)
-    ends = np.append(starts[1:], order.size)
-    for rank, lo, hi in zip(ranks.tolist(), starts.tolist(), ends.tolist()):
+    order, bounds = comm.by_rank(dst, int(world_size))  # keeps row order within a destination
+    for rank, lo, hi in bounds:
         rows = order[lo:hi]
         win = group.window(rank)
         comm.put_rows_of(win, info_bytes, stride, slots[rows], x, rows)  # (each row copied once, no temporary)

@@ -7,9 +7,20 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
-from ..layout import (EXPERT_ID_INIT, EXPERT_ID_SENTINEL, FFN_POLLING_INDEX_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG,
-                      ScheduleContext)
+from ..errors import (
+    ACLNN_ERR_PARAM_INVALID,
+    ACLNN_ERR_PARAM_NULLPTR,
+    AclnnError,
+    KernelError,
+)
+from ..layout import (
+    EXPERT_ID_INIT,
+    EXPERT_ID_SENTINEL,
+    FFN_POLLING_INDEX_OFFSET,
+    RUN_FLAG_OFFSET,
+    VALID_FLAG,
+    ScheduleContext,
+)
 from ._context import as_context, device_of, require_buffer
 from ._polling import Idle, Stopped, Waiting, sched_yield
 from .ffn_worker_scheduler import check_ffn_context, ffn_records
@@ -105,47 +116,32 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
     else:
         sessions, mbs, ids = _emitted(ctx, a, m, bs, k1)
 
-    flat = ids.reshape(-1).astype(np.int64)
-    sentinel = (flat == EXPERT_ID_SENTINEL) | (flat == EXPERT_ID_INIT)
-    bad = ~sentinel & ((flat < 0) | (flat >= expert_num))
-    if bad.any():
-        raise KernelError("expert_ids", f"id {int(flat[bad][0])} is neither in [0, expert_num={expert_num}) "
-                                        "nor a sentinel")
-    valid = np.flatnonzero(~sentinel)
-    order = valid[np.argsort(flat[valid], kind="stable")]
-    n = order.size
-    row, rest = np.divmod(order, bs * k1)  # row of `ids` (one emitted session), then token * (K+1) + k
-    token, k = np.divmod(rest, k1)
-    sess, mb_of = sessions[row], mbs[row]
-    src = ((sess * m + mb_of) * bs + token) * k1 + k
-
-    # Each slot's token straight into its row of y, once (compiled), and only the rows past n zeroed: numpy's
-    # form was three passes (zero all of y, gather whole slots into a temporary, copy their tokens into y).
-    from ._kernels import copy_rows
+    # The sort by expert (a stable counting sort), each slot's source row and ids, and group_list in one compiled
+    # pass; then each slot's token straight into its row of y, once, and only the rows past n zeroed (numpy's form
+    # was an argsort, a unique, three passes over y and a temporary of whole slots).
+    from ._kernels import batch_slots, copy_rows
+    src = np.empty(y_cap, np.int64)
+    sess, mb_of, token, k = (np.empty(y_cap, np.int32) for _ in range(4))
+    group_list = np.empty((expert_num, 2), np.int64)
+    n = batch_slots(np.ascontiguousarray(ids, np.int32), sessions, mbs, expert_num, m, bs, k1, EXPERT_ID_SENTINEL,
+                    EXPERT_ID_INIT, np.empty(expert_num, np.int64), src, sess, mb_of, token, k, group_list)
+    if n < 0:
+        raise KernelError("expert_ids", f"id {int(ids.reshape(-1)[-1 - n])} is neither in [0, "
+                                        f"expert_num={expert_num}) nor a sentinel")
     width = h * dtype.itemsize
     y = np.empty((y_cap, h), dtype)
-    copy_rows(y.view(np.uint8).reshape(y_cap, width), np.arange(n, dtype=np.int64), data, src, width)
+    copy_rows(y.view(np.uint8).reshape(y_cap, width), np.arange(n, dtype=np.int64), data, src[:n], width)
     y[n:] = 0
     dynamic_scale = np.zeros(y_cap, np.float32)
     if token_dtype == 2:
-        dynamic_scale[:n] = np.ascontiguousarray(data[src, scale_at:scale_at + 4]).view("<f4").reshape(n)
-    expert_sorted = flat[order]
-    experts, counts = np.unique(expert_sorted, return_counts=True)
-    group_list = np.zeros((expert_num, 2), np.int64)
-    group_list[:experts.size, 0] = experts
-    group_list[:experts.size, 1] = counts  # the row after the last is the [0, 0] terminator (when it fits)
-
-    def out_i32(values):
-        arr = np.zeros(y_cap, np.int32)
-        arr[:n] = values
-        return arr
+        dynamic_scale[:n] = np.ascontiguousarray(data[src[:n], scale_at:scale_at + 4]).view("<f4").reshape(n)
+    groups = int(np.count_nonzero(group_list[:, 1]))
 
     if records is not None:  # the kernel's last core: release the records only after the gather
         records[:, mb, 2:] = EXPERT_ID_INIT
         records[:, mb, 0] = 0
-    log.debug("batched %d slots into %d experts", n, experts.size)
-    return FfnBatch(y, group_list, out_i32(sess), out_i32(mb_of), out_i32(token), out_i32(k), dynamic_scale,
-                    np.array([n], np.int64))
+    log.debug("batched %d slots into %d experts", n, groups)
+    return FfnBatch(y, group_list, sess, mb_of, token, k, dynamic_scale, np.array([n], np.int64))
 
 
 def _emitted(ctx: ScheduleContext, a: int, m: int, bs: int, k1: int):

@@ -12,10 +12,13 @@ from ._schedule import total_units, unit
 
 
 def prepare(rt) -> None:
-    """Before registering: A2F's compiled row copy loads (once per machine: compiles) outside the run's watchdogs
-    (a first compile inside the run stalled heartbeats past the 1 s hang bound)."""
-    from ..ops._kernels import warm_up_copy_rows
+    """Before registering: A2F's compiled row copy and the attention stand-in load (once per machine: compile)
+    outside the run's watchdogs (a first compile inside the run stalled heartbeats past the 1 s hang bound)."""
+    from ..ops._kernels import warm_up_attention, warm_up_attention_to_ffn, warm_up_copy_rows
     warm_up_copy_rows()
+    warm_up_attention_to_ffn()
+    for dtype in (rt.cfg.token_dtype,) if rt.cfg else ("fp16", "bf16"):  # no config yet (afd role): both
+        warm_up_attention(dtype == "fp16")
 
 
 def body(rt) -> None:
@@ -32,6 +35,7 @@ def body(rt) -> None:
     mask = None if cfg.valid_tokens == BS else (np.arange(BS) < cfg.valid_tokens)[None, :]
     sync_flag = 0 if cfg.mode == "sync" else 1
     layer_input: dict[int, np.ndarray] = {}
+    a_buf = None
     device = DeviceTime(cfg)
     attention_ns, a2f_args = device.attention_ns(cfg.valid_tokens), {"bytes": a2f_bytes(cfg)}
     a2f_ns = device.link_ns(a2f_args["bytes"])
@@ -44,7 +48,7 @@ def body(rt) -> None:
         h = model.input(t, s, m) if layer == 0 else model.residual(layer_input[m], stream.y[m])
         layer_input[m] = h
         with rt.op("attention", None, attention_ns):
-            a = model.attention(layer, h)
+            a = a_buf = model.attention(layer, h, out=a_buf)  # (one buffer: A2F copies a out of it)
             ids, scales = model.gate(layer, a)
         stream.scales[m] = scales  # read by combine<s> for this micro-batch
         stream.expert_ids[m] = ids  # read by watchdogs to name a missing expert

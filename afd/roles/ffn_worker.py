@@ -5,8 +5,9 @@ import time
 
 import numpy as np
 
+from ..errors import KernelError
 from ..faults import FaultyWindow
-from ..model import Model
+from ..model import DTYPES, Model, is_pair_rows
 from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
 from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
@@ -53,24 +54,38 @@ class StampedWindow(FaultyWindow):
 def run_experts(model: Model, local: list[int], batch, out: np.ndarray) -> np.ndarray:
     """The experts of one FFN round: each group of batch.group_list through its expert (local id = layer * n_local +
     index in `local`, the rank's global expert ids), rows [0, actual_token_num) of batch.y into out."""
+    n_local = max(1, len(local))
+    y = batch.y
+    if model.cfg.expert_kind == "scale" and is_pair_rows(y) and is_pair_rows(out) and y.dtype == out.dtype == model.dtype:
+        # every group in one compiled pass, each row read once and written once into out
+        from ..ops._kernels import scale_groups_bf16, scale_groups_f16
+        params = model.scale_params(local)
+        kernel = scale_groups_bf16 if model.dtype == DTYPES["bf16"] else scale_groups_f16
+        done = kernel(y.view(np.uint32), batch.group_list, params, out.view(np.uint32))
+        if done < 0:
+            raise KernelError("group_list", f"group {-1 - done} {batch.group_list[-1 - done].tolist()} names no "
+                                            f"local expert of {params.size} or runs past y's {y.shape[0]} rows")
+        return out
     start = 0
     for local_id, count in batch.group_list.tolist():
         if count == 0:
             break
-        layer, j = divmod(int(local_id), max(1, len(local)))
-        out[start:start + count] = model.expert(layer, local[j], batch.y[start:start + count])
+        layer, j = divmod(int(local_id), n_local)
+        model.expert(layer, local[j], y[start:start + count], out=out[start:start + count])
         start += count
     return out
 
 
 def prepare(rt) -> None:
-    """Before registering: the compiled kernels this role runs (the F2A row copy; the bf16 `scale` expert) load
+    """Before registering: the compiled kernels this role runs (batching's sort, the row copies, the `scale` expert) load
     (once per machine: compile) outside the run's heartbeat watchdog (loading one at its first call stalled
     heartbeats past 1 s under load)."""
-    from ..ops._kernels import scale_pairs_bf16, warm_up_copy_rows
+    from ..ops._kernels import warm_up_batching, warm_up_copy_rows, warm_up_scale
     warm_up_copy_rows()
-    if rt.cfg is None or (rt.cfg.expert_kind == "scale" and rt.cfg.token_dtype == "bf16"):
-        scale_pairs_bf16(np.zeros((1, 1), np.uint32), np.float32(1.0), np.zeros((1, 1), np.uint32))
+    warm_up_batching()
+    for dtype in (rt.cfg.token_dtype,) if rt.cfg else ("fp16", "bf16"):  # no config yet (afd role): both
+        if rt.cfg is None or rt.cfg.expert_kind == "scale":
+            warm_up_scale(dtype == "fp16")
 
 
 def body(rt) -> None:

@@ -9,18 +9,113 @@ from afd.model import Model
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-@pytest.mark.parametrize("p", [0.5, 1.0, 1.3719, 1.5, 3.0e38])
-def test_scale_expert_rounds_every_bf16_pattern_like_ml_dtypes(p):
-    from afd.ops._kernels import scale_pairs_bf16
+F16 = np.dtype(np.float16)
+EVERY_16_BIT_PATTERN = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
 
-    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(BF16).reshape(256, 256)
-    out = np.empty_like(x)
-    scale_pairs_bf16(x.view(np.uint32), np.float32(p), out.view(np.uint32))
-    with np.errstate(all="ignore"):
-        want = (x.astype(np.float32) * np.float32(p)).astype(BF16)
+
+def _same_bits(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal bit for bit; NaNs only need to be NaNs in the same places (their payloads are the cast's business)."""
     nan = np.isnan(want.astype(np.float32))
-    assert np.array_equal(np.isnan(out.astype(np.float32)), nan)
-    assert np.array_equal(out.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.array_equal(np.isnan(got.astype(np.float32)), nan)
+    assert np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("p", [0.5, 1.0, 1.3719, 1.5, 3.0e38, 1.0e-30])
+def test_scale_expert_rounds_every_16_bit_pattern_like_numpy(dtype, p):
+    from afd.ops._kernels import scale_groups_bf16, scale_groups_f16
+
+    x = EVERY_16_BIT_PATTERN.view(dtype)
+    out = np.empty_like(x)
+    kernel = scale_groups_bf16 if dtype == BF16 else scale_groups_f16
+    assert kernel(x.view(np.uint32), np.array([[0, 256]], np.int64), np.array([p], np.float32),
+                  out.view(np.uint32)) == 256
+    with np.errstate(all="ignore"):
+        _same_bits(out, (x.astype(np.float32) * np.float32(p)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_attention_stand_in_rounds_every_16_bit_pattern_like_numpy(dtype):
+    from afd.model import attention_reference
+    from afd.ops._kernels import attention_pairs_bf16, attention_pairs_f16
+
+    h = EVERY_16_BIT_PATTERN.view(dtype)
+    w = np.random.default_rng(1).uniform(0.5, 1.5, 256).astype(np.float32)
+    w[:3] = [1.0, 3.0e38, 1.0e-30]  # exact, overflowing and underflowing products too
+    out = np.empty_like(h)
+    (attention_pairs_bf16 if dtype == BF16 else attention_pairs_f16)(h.view(np.uint32), w, out.view(np.uint32))
+    with np.errstate(all="ignore"):
+        _same_bits(out, attention_reference(h, w, dtype))
+
+
+def test_fp32_to_fp16_rounds_like_numpy_on_every_boundary():
+    """to_f16 against numpy's cast: random patterns, the subnormal and overflow boundaries bit by bit, every NaN
+    payload class (an exhaustive pass over all 2**32 patterns matched too, run once by hand: 8 minutes)."""
+    import numba
+
+    from afd.ops._kernels import as_f32, to_f16
+
+    @numba.njit
+    def narrow_all(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = to_f16(as_f32(bits[i]))
+
+    rng = np.random.default_rng(0)
+    edges = [np.arange(b - 2048, b + 2048, dtype=np.int64) for b in
+             (0x33000000, 0x33800000, 0x38000000, 0x38800000, 0x477FF000, 0x47800000, 0x7F800000)]
+    payloads = (np.arange(1, 1 << 10) << 13) | rng.integers(0, 1 << 13, 1023)  # each top-10-bit payload
+    nans = [np.arange(0x7F800001, 0x7F800001 + (1 << 14)), 0x7F800000 | payloads, 0x7FC00000 | payloads]
+    bits = np.concatenate([rng.integers(0, 1 << 32, 1 << 20), *edges, *nans])
+    bits = np.concatenate([bits, bits | (1 << 31)]).astype(np.uint32)
+    out = np.empty(bits.size, np.uint32)
+    narrow_all(bits, out)
+    with np.errstate(all="ignore"):
+        want = bits.view(np.float32).astype(np.float16).view(np.uint16)
+    assert np.array_equal(out.astype(np.uint16), want)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_grouped_scale_expert_is_each_group_through_its_own_expert(dtype):
+    """run_experts' one pass over every group equals the model's experts group by group (the numpy form)."""
+    from afd.ops.ffn_worker_batching import FfnBatch
+    from afd.roles.ffn_worker import run_experts
+
+    cfg = load({"name": "k", "token_dtype": "bf16" if dtype == BF16 else "fp16", "expert_kind": "scale",
+                "hidden_size": 256, "routed_experts": 8, "layers": 3})
+    model = Model(cfg)
+    local = [1, 4, 5, 8]  # global ids held by this rank (8: the shared expert)
+    rng = np.random.default_rng(2)
+    counts = rng.integers(0, 9, 6)
+    ids = rng.choice(len(local) * cfg.layers, 6, replace=False)
+    group_list = np.zeros((len(local) * cfg.layers, 2), np.int64)
+    group_list[:6, 0], group_list[:6, 1] = ids, counts
+    group_list[np.flatnonzero(counts == 0)[:1], 1] = 0  # a zero count ends the list, as the op writes it
+    n = int(group_list[:, 1].sum()) if not (counts == 0).any() else int(counts[:np.argmax(counts == 0)].sum())
+    y = rng.standard_normal((60, 256), np.float32).astype(dtype)
+    batch = FfnBatch(y, group_list, *(np.zeros(60, np.int32),) * 4, np.zeros(60, np.float32),
+                     np.array([n], np.int64))
+    got = run_experts(model, local, batch, np.full((n, 256), 7, dtype))
+    want, start = [], 0
+    for local_id, count in group_list.tolist():
+        if count == 0:
+            break
+        layer, j = divmod(local_id, len(local))
+        want.append((y[start:start + count].astype(np.float32) * model.expert_param(layer, local[j])).astype(dtype))
+        start += count
+    assert np.array_equal(got.view(np.uint16), np.concatenate(want or [y[:0]]).view(np.uint16))
+
+
+def test_grouped_scale_expert_refuses_a_group_past_its_experts():
+    from afd.errors import KernelError
+    from afd.ops.ffn_worker_batching import FfnBatch
+    from afd.roles.ffn_worker import run_experts
+
+    model = Model(load({"name": "k", "token_dtype": "bf16", "expert_kind": "scale", "hidden_size": 256}))
+    y = np.zeros((4, 256), BF16)
+    batch = FfnBatch(y, np.array([[0, 2], [99, 2]], np.int64), *(np.zeros(4, np.int32),) * 4,
+                     np.zeros(4, np.float32), np.array([4], np.int64))
+    with pytest.raises(KernelError, match="group_list: group 1 \\[99, 2\\] names no local expert"):
+        run_experts(model, [0, 1], batch, np.empty((4, 256), BF16))
 
 
 def test_model_scale_expert_is_the_same_with_and_without_the_kernel():
@@ -28,6 +123,16 @@ def test_model_scale_expert_is_the_same_with_and_without_the_kernel():
     x = np.random.default_rng(0).standard_normal((7, 256), np.float32).astype(BF16)
     odd = np.asfortranarray(x)  # not C-contiguous: the numpy form
     assert np.array_equal(model.expert(1, 3, x).view(np.uint16), model.expert(1, 3, odd).view(np.uint16))
+    out = np.empty_like(x)
+    assert model.expert(1, 3, x, out=out) is out and np.array_equal(out.view(np.uint16), model.expert(1, 3, odd).view(np.uint16))
+
+
+@pytest.mark.parametrize("token_dtype", ["bf16", "fp16"])
+def test_model_attention_is_the_same_with_and_without_the_kernel(token_dtype):
+    model = Model(load({"name": "k", "token_dtype": token_dtype, "hidden_size": 256}))
+    h = np.random.default_rng(0).uniform(-3, 3, (7, 256)).astype(model.dtype)
+    odd = np.asfortranarray(h)
+    assert np.array_equal(model.attention(2, h).view(np.uint16), model.attention(2, odd).view(np.uint16))
 
 
 def _window(nbytes: int):
