@@ -315,9 +315,10 @@ def measure_queue(steps: int, check_reference: bool = True, timeout_s: float = 1
 
 
 # -- the memory-copy bound --------------------------------------------------------------------------------------------
-def measure_copy_bound(repeats: int = 20) -> dict:
-    """numpy copying the bytes one micro-batch-layer moves (A2F + F2A payloads), median of `repeats`."""
-    bs, k1, h = SHAPE["micro_batch_size"], SHAPE["top_k"] + 1, SHAPE["hidden_size"]
+def measure_copy_bound(repeats: int = 20, bs: int | None = None, h: int | None = None) -> dict:
+    """numpy copying the bytes one micro-batch-layer moves (A2F + F2A payloads), median of `repeats`; at SHAPE, or
+    with another micro-batch size `bs` / hidden size `h` (K and the bf16 tokens stay SHAPE's)."""
+    bs, k1, h = bs or SHAPE["micro_batch_size"], SHAPE["top_k"] + 1, h or SHAPE["hidden_size"]
     nbytes = 2 * bs * k1 * h * 2
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)

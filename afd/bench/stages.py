@@ -9,8 +9,13 @@
 #
 # Bytes are what a stage must read plus write (see stage_bytes), so GB/s counts both directions. The copy rate beside
 # each stage is np.copyto of a buffer of half the stage's bytes (so the copy too reads and writes the stage's bytes),
-# warm, median of as many calls as the stage had; fraction_of_copy = copy time / stage time (1.0: the stage moves its
-# bytes as fast as numpy copies them).
+# timed in the same loop under the same conditions: every micro-batch layer, after the stages, each stage's own pair
+# of copy buffers is copied once, so like the stage's inputs and outputs it was last touched a whole micro-batch layer
+# (~60 MB of other traffic, more than the last-level cache) earlier. fraction_of_copy = that copy's median time / the
+# stage's (1.0: the stage moves its bytes as fast as numpy copies them from where they are). A warm copy of the same
+# bytes (the buffers copied back to back, so in cache when they fit) is shown beside it: measured here, a 6 MB
+# copy_rows in the stage loop took 0.9-1.3 ms against 0.3 ms back to back, the same code and bytes, so a warm
+# reference would compare a stage's memory traffic with a cache's.
 #
 # The outputs are checked: every micro-batch layer, each scheduler found its work on the first scan and the batch holds
 # every slot; on the first and last timed ones, the combine's y equals the single-process reference layer
@@ -45,7 +50,7 @@ def stage_bytes(cfg) -> dict[str, int]:
     slots = bs * (k + 1)  # (token, k) slots of one micro-batch: K routed + 1 shared
     row = h * b
     return {
-        # h read, a = tanh(h * w) written
+        # h read, a = softsign(h * w) written
         "attention": 2 * bs * row,
         # a's first min(64, H) features read; top-K ids and scales written (BS x K, 4 bytes each)
         "gate": bs * min(GATE_FEATURES, h) * b + 2 * bs * k * 4,
@@ -73,8 +78,9 @@ def _not_ready(waiting) -> None:
     raise RuntimeError(f"stage benchmark: {waiting.op} had to wait for {waiting.what}")
 
 
-def _micro_batch_layers(cfg, mem, timed: int) -> tuple[dict[str, list[int]], int]:
-    """Run WARMUP + timed micro-batch layers through the operators; ns per stage per timed layer, layers checked."""
+def _micro_batch_layers(cfg, mem, timed: int, copies: dict) -> tuple[dict[str, list[int]], dict[str, list[int]], int]:
+    """Run WARMUP + timed micro-batch layers through the operators; ns per stage per timed layer, ns of each stage's
+    copy (copies: name -> (src, dst), one copy per layer after the stages), layers checked."""
     from ..model import Model
     from ..roles._schedule import unit
     from ..roles.ffn_worker import run_experts
@@ -93,7 +99,9 @@ def _micro_batch_layers(cfg, mem, timed: int) -> tuple[dict[str, list[int]], int
                   "attn_token_info_table_shape": [m_, bs, k1]}
     session = np.array([0], np.int32)
     times: dict[str, list[int]] = {name: [] for name in STAGES}
+    copy_times: dict[str, list[int]] = {name: [] for name in STAGES}
     layer_input, ys = {}, {}
+    a_buf = None
     clock = time.perf_counter_ns
     checked = 0
     for i in range(WARMUP + timed):
@@ -102,7 +110,7 @@ def _micro_batch_layers(cfg, mem, timed: int) -> tuple[dict[str, list[int]], int
         layer_input[m] = h_in
         lid = np.array([layer], np.int32)
         stamps = [clock()]
-        a = model.attention(layer, h_in)
+        a = a_buf = model.attention(layer, h_in, out=a_buf)  # (one buffer, as the attention role)
         stamps.append(clock())
         ids, scales = model.gate(layer, a)
         stamps.append(clock())
@@ -137,17 +145,29 @@ def _micro_batch_layers(cfg, mem, timed: int) -> tuple[dict[str, list[int]], int
                                    f"reference layer in {int(np.count_nonzero(y != ref))} of {y.size} values")
             checked += 1
         ys[m] = y
+        copy_ns = {}
+        for name, (src, dst) in copies.items():
+            t0 = clock()
+            np.copyto(dst, src)
+            copy_ns[name] = clock() - t0
         if i >= WARMUP:
             for name, t0, t1 in zip(STAGES, stamps, stamps[1:]):
                 times[name].append(t1 - t0)
-    return times, checked
+                copy_times[name].append(copy_ns[name])
+    return times, copy_times, checked
 
 
-def _copy_ns(nbytes: int, repeats: int) -> float:
-    """Median ns of np.copyto of nbytes // 2 bytes (a read and a write of nbytes in all), warm."""
+def _copy_buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A source of nbytes // 2 random bytes and a destination of the same size (a copy reads + writes nbytes)."""
     src = np.random.default_rng(0).integers(0, 255, max(1, nbytes // 2), dtype=np.uint8)
     dst = np.empty_like(src)
     np.copyto(dst, src)
+    return src, dst
+
+
+def _warm_copy_ns(nbytes: int, repeats: int) -> float:
+    """Median ns of np.copyto of nbytes // 2 bytes back to back (in cache when they fit)."""
+    src, dst = _copy_buffers(nbytes)
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter_ns()
@@ -156,16 +176,18 @@ def _copy_ns(nbytes: int, repeats: int) -> float:
     return float(np.median(samples))
 
 
-def _row(name: str, nbytes: int, samples_ns: list[int], copy_ns: float) -> dict:
-    ns = float(np.median(samples_ns))
+def _row(name: str, nbytes: int, samples_ns: list[int], copy_samples_ns: list[int], warm_copy_ns: float) -> dict:
+    ns, copy_ns = float(np.median(samples_ns)), float(np.median(copy_samples_ns))
     return {"name": name, "ms": ns / 1e6, "best_ms": min(samples_ns) / 1e6, "bytes": nbytes,
             "gb_per_s": nbytes / ns, "copy_ms": copy_ns / 1e6, "copy_gb_per_s": nbytes / copy_ns,
-            "fraction_of_copy": copy_ns / ns}
+            "fraction_of_copy": copy_ns / ns, "warm_copy_gb_per_s": nbytes / warm_copy_ns,
+            "fraction_of_warm_copy": warm_copy_ns / ns}
 
 
 def measure_stages(quick: bool = False, repeats: int | None = None, **shape) -> dict:
     """The stage table on the bench shape (SHAPE; keyword arguments override its fields, e.g. hidden_size=512):
-    {"rows": [{name, ms, best_ms, bytes, gb_per_s, copy_ms, copy_gb_per_s, fraction_of_copy}] in data-path order,
+    {"rows": [{name, ms, best_ms, bytes, gb_per_s, copy_ms, copy_gb_per_s, fraction_of_copy, warm_copy_gb_per_s,
+    fraction_of_warm_copy}] in data-path order,
     "total": the same over all stages, "timed", "checked", "timing", "copy"}; ms is the median per micro-batch layer
     over `repeats` micro-batch layers (quick: 40, else 300)."""
     from ..config import load
@@ -176,18 +198,23 @@ def measure_stages(quick: bool = False, repeats: int | None = None, **shape) -> 
     if cfg.sessions != 1 or cfg.ffn_ranks != 1 or cfg.valid_tokens != cfg.micro_batch_size:
         raise ValueError("the stage table runs one session on one FFN rank with every token valid")
     timed = repeats or (40 if quick else 300)
+    nbytes = stage_bytes(cfg)
+    copies = {name: _copy_buffers(nbytes[name]) for name in STAGES}
     mem = RunMemory.create(cfg, Device())
     try:
-        times, checked = _micro_batch_layers(cfg, mem, timed)
+        times, copy_times, checked = _micro_batch_layers(cfg, mem, timed, copies)
     finally:
         mem.close()
-    nbytes = stage_bytes(cfg)
-    rows = [_row(name, nbytes[name], times[name], _copy_ns(nbytes[name], timed)) for name in STAGES]
+    del copies
+    rows = [_row(name, nbytes[name], times[name], copy_times[name], _warm_copy_ns(nbytes[name], timed))
+            for name in STAGES]
     per_layer = [sum(layer) for layer in zip(*(times[name] for name in STAGES))]
+    copy_per_layer = [sum(layer) for layer in zip(*(copy_times[name] for name in STAGES))]
     total_bytes = sum(nbytes.values())
-    total = _row("all stages", total_bytes, per_layer, _copy_ns(total_bytes, timed))
+    total = _row("all stages", total_bytes, per_layer, copy_per_layer, _warm_copy_ns(total_bytes, timed))
     return {"rows": rows, "total": total, "timed": timed, "warmup": WARMUP, "checked": checked,
             "timing": f"median of {timed} micro-batch layers (after {WARMUP} warm-up ones), one process",
-            "copy": "np.copyto of half the stage's bytes (reads + writes = the stage's bytes), warm, median",
+            "copy": "np.copyto of half the stage's bytes (reads + writes = the stage's bytes) in the same loop, once "
+                    "per micro-batch layer (as cold as the stage's data), median; warm: back to back",
             "shape": {k: getattr(cfg, k) for k in ("micro_batch_size", "top_k", "hidden_size", "token_dtype",
                                                    "expert_kind", "routed_experts", "micro_batch_num", "layers")}}

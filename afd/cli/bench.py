@@ -1,4 +1,4 @@
-"""`afd bench`: the pipeline against a Queue baseline and the copy bound, hop latency, the operators' stage table."""
+"""`afd bench`: the pipeline vs a Queue baseline and the copy bound, hop latency, the stage table; --full: scaling, RSS."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the pipeline (throughput, hop latency, Queue baseline, copy bound, stage table)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test; the targets stay the same)")
+    p.add_argument("--full", action="store_true",
+                   help="then the scaling table: the pipeline against H and against BS, and RSS per role")
     p.set_defaults(handler=main)
 
 
@@ -118,14 +120,66 @@ def stage_table(rows: list[dict], total: dict | None = None, info: dict | None =
     table = Table(title="stages of one micro-batch layer, one process (afd.bench.stages)")
     table.caption = (f"ms: {info.get('timing', 'median per micro-batch layer')}; MB: read + written (formulas in "
                      "afd/bench/stages.py), so GB/s counts both directions; copy: np.copyto reading and writing the "
-                     f"same bytes; outputs checked against the reference layer ({info.get('checked', '?')} layers)")
+                     "same bytes in the same loop, as cold as the stage's data (of copy: the stage's rate over it); "
+                     "warm: the same copy back to back; outputs checked against the reference layer "
+                     f"({info.get('checked', '?')} layers)")
     table.add_column("stage", no_wrap=True, min_width=max(len(row["name"]) for row in rows))
-    for col in ("ms", "MB", "GB/s", "copy GB/s", "of copy"):
+    for col in ("ms", "MB", "GB/s", "copy GB/s", "of copy", "warm copy GB/s", "of warm"):
         table.add_column(col, justify="right", no_wrap=True)
     for row in rows + ([total] if total else []):
         table.add_row(row["name"], f"{row['ms']:.3f}", f"{row['bytes'] / 1e6:.3f}", f"{row['gb_per_s']:.2f}",
                       f"{row['copy_gb_per_s']:.1f}", f"{row['fraction_of_copy']:.1%}",
+                      f"{row.get('warm_copy_gb_per_s', 0):.1f}", f"{row.get('fraction_of_warm_copy', 0):.1%}",
                       end_section=row is not total and row is rows[-1])
+    return table
+
+
+def scaling_table(scaling: dict) -> Table:
+    """The scaling table (afd.bench.scaling): one pipeline run per point, its rate beside the copy bound there."""
+    shape = scaling["shape"]
+    table = Table(title=f"scaling (afd.bench.scaling): K={shape['top_k']}+1 {shape['token_dtype']} "
+                        f"{shape['expert_kind']} experts, M={shape['micro_batch_num']} L={shape['layers']}"
+                        + (" (quick)" if scaling["quick"] else ""))
+    la = scaling["loadavg_before_after"]
+    table.caption = ("mbl/s: micro-batch layers per second of the real pipeline over run s; copy bound: np.copyto "
+                     "of that point's A2F + F2A payload (MB/mbl), measured right after its run; "
+                     f"load average {la[0]} before / {la[1]} after, wall {scaling['wall_s']:.0f} s")
+    # two- and three-line headers: the table fits 80 columns (what rich assumes when the output is not a terminal)
+    for col in ("axis", "H", "BS", "MB/mbl", "mbl/s", "copy\nbound\nmbl/s", "of copy\nbound", "run s",
+                "matches\nreference"):
+        table.add_column(col, justify="left" if col in ("axis", "matches\nreference") else "right", no_wrap=True)
+    match = {None: "not checked", True: "yes", False: "NO"}
+    rows = scaling["rows"]
+    for i, row in enumerate(rows):
+        done = row["outcome"] == "completed"
+        table.add_row(row["axis"], str(row["hidden_size"]), str(row["micro_batch_size"]),
+                      f"{row['payload_bytes'] / 1e6:.1f}", _f(row["micro_batch_layers_per_s"]),
+                      _f(row["copy_bound_micro_batch_layers_per_s"], "{:.0f}"),
+                      f"{row['fraction_of_copy_bound']:.1%}",
+                      f"{row['run_s']:.2f}" if done else f"[red]{row['outcome']}[/red]",
+                      match[row["outputs_match_reference"]],
+                      end_section=i + 1 < len(rows) and rows[i + 1]["axis"] != row["axis"])
+    return table
+
+
+def rss_table(scaling: dict) -> Table:
+    """Peak RSS of each process of the DeepSeek-shape run, and what was resident at its end by kind."""
+    shape = scaling["rss_shape"]
+    table = Table(title=f"RSS per role: H={shape['hidden_size']} BS={shape['micro_batch_size']}, "
+                        f"{shape['steps']} steps (MB)")
+    table.caption = ("peak: the process's high-water RSS (VmHWM); at the end, before the windows are unmapped: "
+                     "anon (private), file (mapped files, mostly libraries: shared with other processes through "
+                     "the page cache), shmem (the shared windows this process touched)")
+    table.add_column("process")
+    for col in ("peak", "at end", "anon", "file", "shmem"):
+        table.add_column(col, justify="right")
+    rss = scaling["rss_per_role"]
+    for role in scaling.get("rss_roles") or list(rss):
+        u = rss.get(role)
+        if not u:
+            table.add_row(role, "[red]no report[/red]", "", "", "", "")
+            continue
+        table.add_row(role, *(_f(u.get(k)) for k in ("peak_mb", "rss_mb", "anon_mb", "file_mb", "shmem_mb")))
     return table
 
 
@@ -144,6 +198,14 @@ def main(args) -> int:
     else:
         with err.status("afd bench") as status:
             result = bench.measure(quick=args.quick, progress=lambda what: status.update(f"afd bench: {what}"))
+    if args.full:  # after the bench, not inside it: the scaling runs must not skew the bench's figures
+        from ..bench.scaling import measure_scaling
+        if args.json:
+            result["scaling"] = measure_scaling(quick=args.quick)
+        else:
+            with err.status("afd bench: scaling") as status:
+                result["scaling"] = measure_scaling(quick=args.quick, progress=lambda what: status.update(
+                    f"afd bench: {what}"))
     result["wall_s"] = time.monotonic() - t0
     if args.json:
         print(json.dumps(result, default=float))
@@ -151,6 +213,9 @@ def main(args) -> int:
     console = Console()
     for table in tables(result):
         console.print(table)
+    if "scaling" in result:
+        console.print(scaling_table(result["scaling"]))
+        console.print(rss_table(result["scaling"]))
     la = result["loadavg_before_after"]
     console.print(f"{result['cpus']} CPUs, load average {la[0]} before / {la[1]} after; "
                   f"wall {result['wall_s']:.1f} s. Targets are printed, not asserted: other load skews every figure.")

@@ -10,6 +10,7 @@ import zmq
 from .. import control, health
 from ..config import Config
 from ..faults import Fault
+from ..runtime import rss
 from ..runtime.memory import STATUS, RunMemory
 
 TICK_S = 0.1
@@ -352,7 +353,7 @@ class Controller:
             "reports": self.reports, "done": done, "total": total, "malformed": self.malformed,
             "unknown_senders": self.unknown_senders, "detect_ns": getattr(self, "detect_ns", 0),
             "log": self.log_lines[-2000:], "controller_fault_ns": self.fault_ns,
-            "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0}
+            "run_s": (self.stop_at - self.started_at) if self.started_at else 0.0, "rss": rss.usage()}
         self.reply(b"launcher", "result", self.result_payload)
 
     def orphaned(self) -> None:

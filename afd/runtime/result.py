@@ -64,6 +64,7 @@ class Result:
     reference: dict = field(default_factory=dict, repr=False)
     events: list = field(default_factory=list, repr=False)  # afd.trace.Event, every role's (when cfg.trace)
     metrics: dict = field(default_factory=dict)  # afd.metrics.compute: busy/wait/idle, bubble, hops, rates
+    rss: dict = field(default_factory=dict)  # process -> afd.runtime.rss.usage() at its end (processes that reported)
 
     @property
     def micro_batches_per_s(self) -> float:
@@ -72,6 +73,11 @@ class Result:
     @property
     def micro_batch_layers_per_s(self) -> float:
         return self.micro_batch_layers / self.run_s if self.run_s > 0 else 0.0
+
+    @property
+    def rss_mb(self) -> dict[str, float]:
+        """Peak resident set size of each process of the run (roles, controller, agents), MB."""
+        return {role: usage["peak_mb"] for role, usage in self.rss.items() if "peak_mb" in usage}
 
     def report(self) -> dict:
         return {
@@ -87,7 +93,7 @@ class Result:
             "compared_micro_batches": self.compared, "mismatches": self.mismatches,
             "failure": self.failure, "in_flight": self.in_flight, "faults": self.faults,
             "malformed_messages": self.malformed_messages, "refused_messages": self.refused_messages,
-            "roles": self.roles, "metrics": self.metrics,
+            "roles": self.roles, "metrics": self.metrics, "rss": self.rss,
         }
 
 
@@ -173,6 +179,12 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
     events = trace_mod.collect(reports)
     run_metrics = metrics_mod.compute(events, cfg)
 
+    rss = {role: rep["rss"] for role, rep in reports.items() if rep.get("rss")}
+    if controller.get("rss"):
+        rss["controller"] = controller["rss"]
+    order = list(exit_codes)  # the processes' order (a role that joined from outside the launcher goes last)
+    rss = dict(sorted(rss.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
     roles = {}
     for role, code in exit_codes.items():
         rep = reports.get(role, {})
@@ -205,4 +217,4 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
                   outputs_match_reference=match, compared=compared, mismatches=mismatches[:50], roles=roles,
                   failure=failure, in_flight=in_flight, malformed_messages=int(controller.get("malformed", 0)),
                   refused_messages=int(controller.get("unknown_senders", 0)), log=list(controller.get("log", [])),
-                  outputs=outputs, reference=ref_finals, events=events, metrics=run_metrics)
+                  outputs=outputs, reference=ref_finals, events=events, metrics=run_metrics, rss=rss)

@@ -15,7 +15,7 @@ from ..errors import AfdError
 from ..faults import Fault, FaultHooks
 from ..ops._polling import Stopped, Waiting
 from ..timing import hold_until
-from . import doorbell
+from . import doorbell, rss
 from ..waiting import RUN_FLAG_OPS, Stall, WaitPolicy  # noqa: F401 (re-exported)
 from .memory import OP, STATUS, RunMemory
 
@@ -403,7 +403,8 @@ class RoleRuntime:
         payload = {"role": self.role, "outcome": outcome, "malformed": self.malformed,
                    "events": list(self.events) if self.cfg and self.cfg.trace else [], "extra": extra or {},
                    "metrics": {k: v.tolist() for k, v in self.metrics.items()}, "pid": os.getpid(),
-                   "clock_offset_ns": 0}  # add to local CLOCK_MONOTONIC to get the controller's clock (same host: 0)
+                   "clock_offset_ns": 0,  # add to local CLOCK_MONOTONIC to get the controller's clock (same host: 0)
+                   "rss": rss.usage()}  # before close(): the windows are still mapped, so shmem_mb counts them
         if self.report_extra:
             payload["extra"] = {**self.report_extra, **payload["extra"]}
         if self.status is not None:
