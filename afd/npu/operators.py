@@ -245,10 +245,12 @@ def warm_kernels_in_background() -> None:
     global _warming
     if _warming is None:
         def warm():
-            from ..ops._kernels import warm_up_attention_to_ffn, warm_up_batching, warm_up_copy_rows
+            from ..ops._kernels import (warm_up_attention_to_ffn, warm_up_batching, warm_up_copy_rows,
+                                        warm_up_ffn_to_attention)
             warm_up_copy_rows()  # (the window writers' row copy and sort by rank)
             warm_up_attention_to_ffn()
             warm_up_batching()
+            warm_up_ffn_to_attention()
             for code in (1, 0):
                 _ensure_warm(code)
         _warming = threading.Thread(target=warm, name="afd npu warm-up", daemon=True)

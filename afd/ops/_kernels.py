@@ -36,41 +36,49 @@ def as_u32(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
+# Numba widens integer arithmetic to 64 bits; every step here is cast back to uint32 (_u) so LLVM keeps 32-bit
+# lanes (twice as many per vector: the scale expert 0.99 -> 0.73 ms on 432 x 7168 bf16). The values are the same.
+_u = np.uint32
+
+
 @_inline
 def widen(bits16, half):
     """The 16 low bits as an fp32: bf16 is the top half of one; fp16 is rebiased exactly (inf/NaN kept)."""
     if not half:
-        return as_f32(bits16 << _U16)
-    mag = (bits16 & np.uint32(0x7FFF)) << np.uint32(13)
-    sign = (bits16 & np.uint32(0x8000)) << _U16
+        return as_f32(_u(bits16 << _U16))
+    mag = _u(_u(bits16 & _u(0x7FFF)) << _u(13))
+    sign = _u(_u(bits16 & _u(0x8000)) << _U16)
     v = as_u32(as_f32(mag) * _F16_TO_F32_SCALE)
-    if mag >= np.uint32(0x7C00 << 13):
-        v = mag | np.uint32(0x7F800000)
-    return as_f32(v | sign)
+    if mag >= _u(0x7C00 << 13):
+        v = _u(mag | _u(0x7F800000))
+    return as_f32(_u(v | sign))
 
 
 @_inline
 def lo(word, half):
-    return widen(word & np.uint32(0xFFFF), half)
+    return widen(_u(word & _u(0xFFFF)), half)
 
 
 @_inline
 def hi(word, half):
-    return widen(word >> _U16, half)
+    if not half:  # bf16: the high half already sits where an fp32's top bits go
+        return as_f32(_u(word & _u(0xFFFF0000)))
+    return widen(_u(word >> _U16), half)
 
 
 @_inline
 def to_bf16(v):
     """fp32 -> bf16 bits, round to nearest even; NaN -> the quiet NaN with v's sign (as ml_dtypes does)."""
     u = as_u32(v)
-    rounded = (u + np.uint32(0x7FFF) + ((u >> _U16) & np.uint32(1))) >> _U16
-    nan = ((u >> _U16) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+    rounded = _u(_u(_u(u + _u(0x7FFF)) + _u(_u(u >> _U16) & _u(1))) >> _U16)
+    nan = _u(_u(_u(u >> _U16) & _u(0x8000)) | _u(0x7FC0))
     return nan if v != v else rounded
 
 
 _F16_MAX_BITS = np.uint32((127 + 16) << 23)  # 65536.0: at or above it fp16 is inf (or NaN)
 _F16_NORMAL_BITS = np.uint32(113 << 23)  # 2**-14, fp16's smallest normal
 _DENORM_MAGIC = np.float32(0.5)  # 0.5 = 2**-1: adding it aligns fp16's 10 subnormal mantissa bits at the bottom
+_F16_REBIAS = np.uint32(((127 - 15) << 23) - 0xFFF)  # exponent 127 -> 15, plus the rounding half-ulp
 
 
 @_inline
@@ -78,18 +86,17 @@ def to_f16(v):
     """fp32 -> fp16 bits, round to nearest even, as numpy's cast: overflow to inf, subnormals rounded by one
     fp32 add (its RNE does the rounding), NaN kept a NaN with its sign and top payload bits."""
     u = as_u32(v)
-    sign = (u >> _U16) & np.uint32(0x8000)
-    a = u & np.uint32(0x7FFFFFFF)
+    sign = _u(_u(u >> _U16) & _u(0x8000))
+    a = _u(u & _u(0x7FFFFFFF))
     if a >= _F16_MAX_BITS:
-        if a > np.uint32(0x7F800000):  # NaN: numpy keeps the payload's top bits, and a NaN (never inf)
-            payload = (a >> np.uint32(13)) & np.uint32(0x3FF)
-            return sign | np.uint32(0x7C00) | (payload if payload else np.uint32(1))
-        return sign | np.uint32(0x7C00)
+        if a > _u(0x7F800000):  # NaN: numpy keeps the payload's top bits, and a NaN (never inf)
+            payload = _u(_u(a >> _u(13)) & _u(0x3FF))
+            return _u(_u(sign | _u(0x7C00)) | (payload if payload else _u(1)))
+        return _u(sign | _u(0x7C00))
     if a < _F16_NORMAL_BITS:
-        return sign | (as_u32(as_f32(a) + _DENORM_MAGIC) - as_u32(_DENORM_MAGIC))
+        return _u(sign | _u(as_u32(as_f32(a) + _DENORM_MAGIC) - as_u32(_DENORM_MAGIC)))
     # rebias the exponent (127 -> 15) and round on the 13 dropped bits; a carry into the exponent is right
-    return sign | ((a - np.uint32((127 - 15) << 23) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1)))
-                   >> np.uint32(13))
+    return _u(sign | _u(_u(_u(a - _F16_REBIAS) + _u(_u(a >> _u(13)) & _u(1))) >> _u(13)))
 
 
 @_inline
@@ -147,7 +154,7 @@ def _combine_pairs(src, scales, half, acc, out):
         shared = src[i, k]  # the shared expert's slot: weight 1.0, added as is
         ob = out[i]
         for j in range(h2):
-            ob[j] = narrow(a0[j] + lo(shared[j], half), half) | (narrow(a1[j] + hi(shared[j], half), half) << _U16)
+            ob[j] = _u(narrow(a0[j] + lo(shared[j], half), half) | _u(narrow(a1[j] + hi(shared[j], half), half) << _U16))
 
 
 @_jit
@@ -169,7 +176,7 @@ def _scale_rows(src, start, stop, p, half, out):
         o = out[i]
         for j in range(src.shape[1]):
             w = r[j]
-            o[j] = narrow(lo(w, half) * p, half) | (narrow(hi(w, half) * p, half) << _U16)
+            o[j] = _u(narrow(lo(w, half) * p, half) | _u(narrow(hi(w, half) * p, half) << _U16))
 
 
 @_inline
@@ -209,7 +216,7 @@ def _attention_rows(src, w, half, out):
             v0 = lo(word, half) * w[2 * j]
             v1 = hi(word, half) * w[2 * j + 1]
             # softsign v / (1 + |v|): IEEE add, abs and divide, so every build and numpy agree bit for bit
-            o[j] = narrow(v0 / (_ONE + abs(v0)), half) | (narrow(v1 / (_ONE + abs(v1)), half) << _U16)
+            o[j] = _u(narrow(v0 / (_ONE + abs(v0)), half) | _u(narrow(v1 / (_ONE + abs(v1)), half) << _U16))
 
 
 
@@ -243,6 +250,12 @@ def warm_up_copy_rows() -> None:
     group_by_rank), before any watchdog runs."""
     copy_rows(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), 1)
     group_by_rank(np.zeros(1, np.int64), 0, 1, np.zeros(1, np.int64), np.zeros(2, np.int64))
+
+
+def warm_up_ffn_to_attention() -> None:
+    """Load (once per machine: compile) FFNToAttention's destinations for the op's argument types."""
+    i32 = [np.zeros(1, np.int32) for _ in range(5)]
+    f2a_slots(*i32, 1, 1, 1, 2, np.zeros(1, np.int64), np.zeros(1, np.int64))
 
 
 def warm_up_attention_to_ffn() -> None:
@@ -375,4 +388,22 @@ def a2f_routes(routed, layer_table, session, moe_expert_num, shared, rank_lo, ra
             tok[i] = t
             info_index[i] = i
             slots[i] = slot_base + i
+    return 0
+
+
+@_jit
+def f2a_slots(sessions, micro_batches, tokens, k_slots, rank_table, m, bs, k1, world_size, dst, slots):
+    """FFNToAttention's destinations: row i goes to rank rank_table[session] (the session itself without a table,
+    rank_table empty) at slot (mb * BS + token) * (K+1) + k. Returns 0, or 1 when any id or rank is out of range
+    (the caller's numpy checks then name it)."""
+    n_sessions = rank_table.shape[0] if rank_table.shape[0] else world_size
+    for j in range(rank_table.shape[0]):  # the whole table, used or not
+        if rank_table[j] < 0 or rank_table[j] >= world_size:
+            return 1
+    for i in range(sessions.shape[0]):
+        s, mb, t, k = sessions[i], micro_batches[i], tokens[i], k_slots[i]
+        if s < 0 or s >= n_sessions or mb < 0 or mb >= m or t < 0 or t >= bs or k < 0 or k >= k1:
+            return 1
+        dst[i] = rank_table[s] if rank_table.shape[0] else s
+        slots[i] = (mb * bs + t) * k1 + k
     return 0

@@ -66,6 +66,12 @@ def _in_range(name: str, values: np.ndarray, lo: int, hi: int) -> None:
         raise KernelError(name, f"values must be in [{lo}, {hi}), found {int(bad)}")
 
 
+def _scalar_in_range(name: str, value: int, lo: int, hi: int) -> None:
+    """_in_range for the one value of a (1,) input, without numpy's reductions."""
+    if not lo <= value < hi:
+        raise KernelError(name, f"values must be in [{lo}, {hi}), found {value}")
+
+
 def check_attention_to_ffn_host(x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, scales,
                                 active_mask, *, group, world_size: int, ffn_token_info_table_shape,
                                 ffn_token_data_shape, attn_token_info_table_shape, moe_expert_num: int,
@@ -208,11 +214,9 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
 
     # Kernel-side values (the real kernel trusts them; here a bad one is an error, not a stray write).
     s, mb, lid = int(session_id[0]), int(micro_batch_id[0]), int(layer_id[0])
-    _in_range("session_id", session_id, 0, a)
-    _in_range("micro_batch_id", micro_batch_id, 0, min(m, attn_m))
-    _in_range("layer_id", layer_id, 0, 1 << 31)
-    if n_layers > 1:
-        _in_range("layer_id", layer_id, 0, n_layers)
+    _scalar_in_range("session_id", s, 0, a)
+    _scalar_in_range("micro_batch_id", mb, 0, min(m, attn_m))
+    _scalar_in_range("layer_id", lid, 0, n_layers if n_layers > 1 else 1 << 31)
     layer_table = table[lid if n_layers > 1 else 0]
     cur_bs = bs
     if active_mask is not None:

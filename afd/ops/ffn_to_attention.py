@@ -106,11 +106,17 @@ def check_ffn_to_attention(x, ids: dict, actual_token_num, group, world_size, to
                                                        token_info_table_shape, token_data_shape, attn_rank_table)
     world_size = int(world_size)
     # Kernel side: the real kernel trusts these; out-of-range ids would scribble over other slots.
-    if attn_rank_table is not None:
-        _in_range("attn_rank_table", attn_rank_table, 0, world_size)
     n = int(actual_token_num[0])
     if not 0 <= n <= y_cap:
         raise KernelError("actual_token_num", f"must be in [0, Y={y_cap}], got {n}")
+    from ._kernels import f2a_slots  # every check and the destinations in one pass; numpy's below names a bad one
+    dst, slots = np.empty(n, np.int64), np.empty(n, np.int64)
+    table = np.empty(0, np.int32) if attn_rank_table is None else np.ascontiguousarray(attn_rank_table, np.int32)
+    if f2a_slots(*(np.ascontiguousarray(ids[name][:n], np.int32) for name in _IDS), table, m, bs, k1, world_size,
+                 dst, slots) == 0:
+        return n, m, bs, k1, hs, dst, slots
+    if attn_rank_table is not None:
+        _in_range("attn_rank_table", attn_rank_table, 0, world_size)
     sess, mb, tok, eoff = (ids[name][:n].astype(np.int64) for name in _IDS)
     _in_range("session_ids", sess, 0, attn_rank_table.shape[0] if attn_rank_table is not None else world_size)
     _in_range("micro_batch_ids", mb, 0, m)
@@ -152,6 +158,6 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
         comm.put_rows_of(win, info_bytes, stride, slots[rows], x, rows)  # (each row copied once, no temporary)
         win.put_i32(0, slots[rows], VALID_FLAG)  # after the data: a reader that sees the flag sees the slot
         group.notify(rank)
-        sent[rank] = np.unique(slots[rows] // (bs * k1)).tolist()
+        sent[rank] = np.flatnonzero(np.bincount(slots[rows] // (bs * k1), minlength=m)).tolist()
         log.debug("sent %d rows to attention rank %d", rows.size, rank)
     return sent

@@ -80,9 +80,10 @@ def prepare(rt) -> None:
     """Before registering: the compiled kernels this role runs (batching's sort, the row copies, the `scale` expert) load
     (once per machine: compile) outside the run's heartbeat watchdog (loading one at its first call stalled
     heartbeats past 1 s under load)."""
-    from ..ops._kernels import warm_up_batching, warm_up_copy_rows, warm_up_scale
+    from ..ops._kernels import warm_up_batching, warm_up_copy_rows, warm_up_ffn_to_attention, warm_up_scale
     warm_up_copy_rows()
     warm_up_batching()
+    warm_up_ffn_to_attention()
     for dtype in (rt.cfg.token_dtype,) if rt.cfg else ("fp16", "bf16"):  # no config yet (afd role): both
         if rt.cfg is None or rt.cfg.expert_kind == "scale":
             warm_up_scale(dtype == "fp16")
