@@ -206,6 +206,19 @@ def scale_groups_f16(src, group_list, params, out):
     return _scale_groups(src, group_list, params, True, out)
 
 
+@_jit
+def scale_groups_inplace_bf16(rows, group_list, params):
+    """scale_groups_bf16 with out = the rows themselves (one buffer instead of two; the out-of-place kernel on the
+    same array runs scalar: LLVM's overlap check fails)."""
+    return _scale_groups(rows, group_list, params, False, rows)
+
+
+@_jit
+def scale_groups_inplace_f16(rows, group_list, params):
+    """scale_groups_inplace_bf16 for fp16 rows."""
+    return _scale_groups(rows, group_list, params, True, rows)
+
+
 @_inline
 def _attention_rows(src, w, half, out):
     for i in range(src.shape[0]):
@@ -282,6 +295,8 @@ def warm_up_scale(half: bool) -> None:
     """Load (once per machine: compile) the grouped `scale` expert's kernel for fp16 (half) or bf16."""
     (scale_groups_f16 if half else scale_groups_bf16)(
         np.zeros((1, 1), np.uint32), np.zeros((1, 2), np.int64), np.zeros(1, np.float32), np.zeros((1, 1), np.uint32))
+    (scale_groups_inplace_f16 if half else scale_groups_inplace_bf16)(
+        np.zeros((1, 1), np.uint32), np.zeros((1, 2), np.int64), np.zeros(1, np.float32))
 
 
 # -- the ops' per-slot bookkeeping (ids, routes, counting sorts) in one pass each ---------------------------------

@@ -53,15 +53,21 @@ class StampedWindow(FaultyWindow):
 
 def run_experts(model: Model, local: list[int], batch, out: np.ndarray) -> np.ndarray:
     """The experts of one FFN round: each group of batch.group_list through its expert (local id = layer * n_local +
-    index in `local`, the rank's global expert ids), rows [0, actual_token_num) of batch.y into out."""
+    index in `local`, the rank's global expert ids), rows [0, actual_token_num) of batch.y into out (which may be
+    batch.y[:n] itself: every expert here maps a row to a row of the same shape)."""
     n_local = max(1, len(local))
     y = batch.y
     if model.cfg.expert_kind == "scale" and is_pair_rows(y) and is_pair_rows(out) and y.dtype == out.dtype == model.dtype:
         # every group in one compiled pass, each row read once and written once into out
-        from ..ops._kernels import scale_groups_bf16, scale_groups_f16
+        from ..ops import _kernels
         params = model.scale_params(local)
-        kernel = scale_groups_bf16 if model.dtype == DTYPES["bf16"] else scale_groups_f16
-        done = kernel(y.view(np.uint32), batch.group_list, params, out.view(np.uint32))
+        half = model.dtype != DTYPES["bf16"]
+        if out.ctypes.data == y.ctypes.data:  # in place (out = y[:n]): the one-buffer kernel
+            kernel = _kernels.scale_groups_inplace_f16 if half else _kernels.scale_groups_inplace_bf16
+            done = kernel(out.view(np.uint32), batch.group_list, params)
+        else:
+            kernel = _kernels.scale_groups_f16 if half else _kernels.scale_groups_bf16
+            done = kernel(y.view(np.uint32), batch.group_list, params, out.view(np.uint32))
         if done < 0:
             raise KernelError("group_list", f"group {-1 - done} {batch.group_list[-1 - done].tolist()} names no "
                                             f"local expert of {params.size} or runs past y's {y.shape[0]} rows")
@@ -148,7 +154,7 @@ def body(rt) -> None:
             batch = ffn_worker_batching(ctx, expert_num, [A, BS, K1, H], token_dtype=mem.token_dtype_code,
                                         need_schedule=0)
         n = int(batch.actual_token_num[0])
-        out = np.empty((n, H), dtype=model.dtype)
+        out = batch.y[:n]  # the experts overwrite the batch they read (F2A sends it; nothing else reads y)
         with rt.op("experts", round_args, device.expert_ns(n)):
             run_experts(model, local, batch, out)
         f2a_bytes = n * cfg.token_bytes

@@ -103,6 +103,11 @@ def test_grouped_scale_expert_is_each_group_through_its_own_expert(dtype):
         want.append((y[start:start + count].astype(np.float32) * model.expert_param(layer, local[j])).astype(dtype))
         start += count
     assert np.array_equal(got.view(np.uint16), np.concatenate(want or [y[:0]]).view(np.uint16))
+    # in place, as the FFN role runs it (out = y[:n]): the same values
+    in_place = y.copy()
+    run_experts(model, local, batch._replace(y=in_place), in_place[:n])
+    assert np.array_equal(in_place[:n].view(np.uint16), got.view(np.uint16))
+    assert np.array_equal(in_place[n:].view(np.uint16), y[n:].view(np.uint16))
 
 
 def test_grouped_scale_expert_refuses_a_group_past_its_experts():
