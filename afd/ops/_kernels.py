@@ -422,3 +422,17 @@ def f2a_slots(sessions, micro_batches, tokens, k_slots, rank_table, m, bs, k1, w
         dst[i] = rank_table[s] if rank_table.shape[0] else s
         slots[i] = (mb * bs + t) * k1 + k
     return 0
+
+
+def warm_up_all() -> None:
+    """Compile (once per machine) or load every kernel for both token dtypes: an image does this at build time."""
+    from .attention_worker_combine import warm_up as warm_up_combine
+    warm_up_copy_rows()
+    warm_up_attention_to_ffn()
+    warm_up_ffn_to_attention()
+    warm_up_batching()
+    for half in (False, True):
+        warm_up_attention(half)
+        warm_up_scale(half)
+    for token_dtype in (0, 1):
+        warm_up_combine(token_dtype)
