@@ -53,9 +53,11 @@ class LocalWindow:
         slots = self.bytes[offset:offset + n_slots * stride].reshape(n_slots, stride)
         slots[index, :width] = np.ascontiguousarray(rows).view(np.uint8).reshape(len(index), width)
 
-    def put_rows_of(self, offset: int, stride: int, index: np.ndarray, src: np.ndarray, src_index: np.ndarray) -> None:
+    def put_rows_of(self, offset: int, stride: int, index: np.ndarray, src: np.ndarray, src_index: np.ndarray,
+                    streaming: bool = False) -> None:
         """put_rows(offset, stride, index, src[src_index]) without the temporary: each row copied once (compiled),
-        for a C-contiguous 2-D src; numpy's two passes otherwise."""
+        for a C-contiguous 2-D src; numpy's two passes otherwise. streaming: with non-temporal stores where the
+        rows are whole aligned 8-byte words (x86-64), for rows nobody reads soon (see _kernels.stream_rows)."""
         index = np.asarray(index, dtype=np.int64)
         if index.size == 0:
             return
@@ -72,12 +74,15 @@ class LocalWindow:
         if src_index.shape != index.shape or int(src_index.min()) < 0 or int(src_index.max()) >= src.shape[0]:
             raise KernelError("window", f"source rows {src_index.tolist()[:8]} do not match {index.size} slots of "
                                         f"a source of {src.shape[0]} rows")
-        from .ops._kernels import (
-            copy_rows,  # (the roles and the fake NPU load it ahead: warm_up_copy_rows)
-        )
+        from .ops import _kernels  # (the roles and the fake NPU load them ahead: warm_up_copy_rows)
         n_slots = (self.size - offset) // stride
         slots = self.bytes[offset:offset + n_slots * stride].reshape(n_slots, stride)
-        copy_rows(slots, index, src.view(np.uint8).reshape(src.shape[0], width), src_index, width)
+        rows = src.view(np.uint8).reshape(src.shape[0], width)
+        if (streaming and _kernels.STREAMING_STORES and width % 8 == 0 and stride % 8 == 0
+                and slots.ctypes.data % 8 == 0 and rows.ctypes.data % 8 == 0):
+            _kernels.stream_rows(slots.view(np.uint64), index, rows.view(np.uint64), src_index, width // 8)
+        else:
+            _kernels.copy_rows(slots, index, rows, src_index, width)
 
     def put_i32(self, offset: int, index: np.ndarray, values) -> None:
         index = np.asarray(index, dtype=np.int64)
@@ -125,14 +130,15 @@ class Group:
 _groups: dict[str, Group] = {}
 
 
-def put_rows_of(win, offset: int, stride: int, index: np.ndarray, src: np.ndarray, src_index: np.ndarray) -> None:
+def put_rows_of(win, offset: int, stride: int, index: np.ndarray, src: np.ndarray, src_index: np.ndarray,
+                streaming: bool = False) -> None:
     """win.put_rows(offset, stride, index, src[src_index]), through the window's single-pass copy when it has
     one (local windows, and fault-wrapped ones over them); others get the gathered rows."""
     put = getattr(win, "put_rows_of", None)
     if put is None:
         win.put_rows(offset, stride, index, src[src_index])
     else:
-        put(offset, stride, index, src, src_index)
+        put(offset, stride, index, src, src_index, streaming)
 
 
 def by_rank(dst: np.ndarray, world_size: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:

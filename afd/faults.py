@@ -286,13 +286,13 @@ class FaultyWindow:
             return
         self.window.put_rows(offset, stride, index, rows)
 
-    def put_rows_of(self, offset, stride, index, src, src_index):
+    def put_rows_of(self, offset, stride, index, src, src_index, streaming=False):
         """put_rows(offset, stride, index, src[src_index]): the window's own single-pass copy when it has one."""
         fault = self.hooks.window_fault
         if fault is not None and fault.kind == "reorder" and len(index):
             self.put_rows(offset, stride, index, src[src_index])  # (held back there)
             return
-        put_rows_of(self.window, offset, stride, index, src, src_index)
+        put_rows_of(self.window, offset, stride, index, src, src_index, streaming)
 
     def put_i32(self, offset, index, values):
         fault = self.hooks.window_fault

@@ -10,9 +10,13 @@ this module costs ~0.5 s (numba), so the ops import it on first use.
 """
 from __future__ import annotations
 
+import platform
+
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _U16 = np.uint32(16)
@@ -258,10 +262,57 @@ def copy_rows(dst, dst_index, src, src_index, width):
             d[j] = s[j]
 
 
+# Streaming (non-temporal) stores for the window writes, x86-64 only (they need its sfence). A row written into a
+# peer's window is read by another process later, after megabytes of other traffic: a plain store first reads the
+# line it writes (write-allocate) and then evicts something for it; a streaming store writes the line to memory
+# without reading it. Measured on 432 rows of 14336 B with cold caches: 0.89 ms plain, 0.43 ms streaming.
+STREAMING_STORES = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@intrinsic
+def _stream_store(typingctx, arr, index, value):
+    """arr[index] = value as a non-temporal store (LLVM's !nontemporal: movnti on x86-64)."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False,
+                                       boundscheck=False)
+        store = builder.store(context.cast(builder, args[2], signature.args[2], aryty.dtype), ptr)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return types.void(arr, index, value), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """sfence: every earlier store, streaming ones too, is visible before any later one (x86-64)."""
+    def codegen(context, builder, signature, args):
+        fence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                               "llvm.x86.sse.sfence")
+        builder.call(fence, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@_jit
+def stream_rows(dst, dst_index, src, src_index, words):
+    """copy_rows over uint64 words with streaming stores, then a store fence, so a flag stored after the call is
+    seen after the rows (as the protocol needs: data, then flag). x86-64 only (STREAMING_STORES)."""
+    for i in range(dst_index.shape[0]):
+        d = dst[dst_index[i]]
+        s = src[src_index[i]]
+        for j in range(words):
+            _stream_store(d, j, s[j])
+    _store_fence()
+
+
 def warm_up_copy_rows() -> None:
     """Load (once per machine: compile) what every window writer runs (copy_rows for the window writes' types,
     group_by_rank), before any watchdog runs."""
     copy_rows(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), 1)
+    if STREAMING_STORES:
+        stream_rows(np.zeros((1, 1), np.uint64), np.zeros(1, np.int64), np.zeros((1, 1), np.uint64),
+                    np.zeros(1, np.int64), 1)
     group_by_rank(np.zeros(1, np.int64), 0, 1, np.zeros(1, np.int64), np.zeros(2, np.int64))
 
 

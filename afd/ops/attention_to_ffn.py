@@ -252,7 +252,8 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
         win = group.window(r)
         _wait_consumed(win, record, r, s, mb, idle)
         src, rows = (x[0], tok[sel]) if payload is None else (payload, sel)
-        comm.put_rows_of(win, data_offset, stride, slots[sel], src, rows)  # (each row copied once, no temporary)
+        # each row copied once, no temporary; streaming stores: the FFN rank reads them from another core
+        comm.put_rows_of(win, data_offset, stride, slots[sel], src, rows, streaming=True)
         win.put_i32(record + 8, info_index[sel], local[sel])
     got = {r for r, _, _ in bounds}
     targets = sorted(got) if sync_flag == 1 else list(range(ffn_start, ffn_start + ffn_num))

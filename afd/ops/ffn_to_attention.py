@@ -155,7 +155,9 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
     for rank, lo, hi in bounds:
         rows = order[lo:hi]
         win = group.window(rank)
-        comm.put_rows_of(win, info_bytes, stride, slots[rows], x, rows)  # (each row copied once, no temporary)
+        # each row copied once, no temporary; streaming stores: the combine reads these rows only after the whole
+        # batch and its flags, and the FFN side is the one a pipeline waits on
+        comm.put_rows_of(win, info_bytes, stride, slots[rows], x, rows, streaming=True)
         win.put_i32(0, slots[rows], VALID_FLAG)  # after the data: a reader that sees the flag sees the slot
         group.notify(rank)
         sent[rank] = np.flatnonzero(np.bincount(slots[rows] // (bs * k1), minlength=m)).tolist()

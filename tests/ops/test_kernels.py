@@ -163,7 +163,7 @@ def test_rows_copied_once_land_as_the_numpy_scatter_puts_them(seed):
     size = offset + slots * stride
     fast, slow = _window(size), _window(size)
     fast.bytes[:] = slow.bytes[:] = rng.integers(0, 255, size, dtype=np.uint8)
-    fast.put_rows_of(offset, stride, index, src, src_index)
+    fast.put_rows_of(offset, stride, index, src, src_index, streaming=bool(seed % 2))
     slow.put_rows(offset, stride, index, src[src_index])
     assert np.array_equal(fast.bytes, slow.bytes)
 
@@ -179,17 +179,24 @@ def test_a_row_copy_past_the_window_or_from_a_missing_row_is_an_error():
     assert not win.bytes.any()
 
 
-@pytest.mark.parametrize("h, offset, strided, compiled", [(64, 512, False, True), (7168, 0, False, True),
-                                                          (3, 512, False, True), (64, 516, False, True),
-                                                          (64, 512, True, False)])
-def test_the_compiled_row_copy_is_taken_where_the_layout_allows_it(monkeypatch, h, offset, strided, compiled):
+@pytest.mark.parametrize("h, offset, strided, path", [(64, 512, False, "stream_rows"), (7168, 0, False, "stream_rows"),
+                                                      (3, 512, False, "copy_rows"), (64, 516, False, "copy_rows"),
+                                                      (64, 512, True, None)])
+def test_the_compiled_row_copy_is_taken_where_the_layout_allows_it(monkeypatch, h, offset, strided, path):
+    """Whole aligned 8-byte words: streaming stores (x86-64); other widths or offsets: the byte copy; a strided
+    source: numpy's gather."""
     from afd.ops import _kernels
     calls = []
-    real = _kernels.copy_rows
-    monkeypatch.setattr(_kernels, "copy_rows", lambda *a: calls.append(1) or real(*a))
+    for name in ("copy_rows", "stream_rows"):
+        real = getattr(_kernels, name)
+        monkeypatch.setattr(_kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    if path == "stream_rows" and not _kernels.STREAMING_STORES:
+        path = "copy_rows"  # (not x86-64: no streaming stores)
     src = np.ones((3, h + strided), BF16)[:, :h]
-    _window(offset + 4 * h * 2).put_rows_of(offset, h * 2, np.array([2, 0]), src, np.array([1, 2]))
-    assert bool(calls) is compiled
+    win = _window(offset + 4 * h * 2)
+    win.put_rows_of(offset, h * 2, np.array([2, 0]), src, np.array([1, 2]), streaming=True)
+    assert calls == ([path] if path else [])
+    assert win.bytes[offset:].reshape(4, h * 2)[[0, 2]].view(BF16).tolist() == [[1.0] * h] * 2
 
 
 def test_a_row_wider_than_its_slot_is_an_error_not_a_write_into_the_next_slot():
