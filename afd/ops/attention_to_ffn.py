@@ -7,12 +7,7 @@ import ml_dtypes
 import numpy as np
 
 from .. import comm
-from ..errors import (
-    ACLNN_ERR_PARAM_INVALID,
-    ACLNN_ERR_PARAM_NULLPTR,
-    AclnnError,
-    KernelError,
-)
+from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
 from ..layout import VALID_FLAG, align512
 from . import _limits
 from ._polling import Idle, Waiting, sched_yield

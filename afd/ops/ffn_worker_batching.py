@@ -7,20 +7,9 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ..errors import (
-    ACLNN_ERR_PARAM_INVALID,
-    ACLNN_ERR_PARAM_NULLPTR,
-    AclnnError,
-    KernelError,
-)
-from ..layout import (
-    EXPERT_ID_INIT,
-    EXPERT_ID_SENTINEL,
-    FFN_POLLING_INDEX_OFFSET,
-    RUN_FLAG_OFFSET,
-    VALID_FLAG,
-    ScheduleContext,
-)
+from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
+from ..layout import (EXPERT_ID_INIT, EXPERT_ID_SENTINEL, FFN_POLLING_INDEX_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG,
+                      ScheduleContext)
 from ._context import as_context, device_of, require_buffer
 from ._polling import Idle, Stopped, Waiting, sched_yield
 from .ffn_worker_scheduler import check_ffn_context, ffn_records
@@ -135,12 +124,11 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
     dynamic_scale = np.zeros(y_cap, np.float32)
     if token_dtype == 2:
         dynamic_scale[:n] = np.ascontiguousarray(data[src[:n], scale_at:scale_at + 4]).view("<f4").reshape(n)
-    groups = int(np.count_nonzero(group_list[:, 1]))
 
     if records is not None:  # the kernel's last core: release the records only after the gather
         records[:, mb, 2:] = EXPERT_ID_INIT
         records[:, mb, 0] = 0
-    log.debug("batched %d slots into %d experts", n, groups)
+    log.debug("batched %d slots", n)
     return FfnBatch(y, group_list, sess, mb_of, token, k, dynamic_scale, np.array([n], np.int64))
 
 
