@@ -32,7 +32,8 @@ def attention_reference(h: np.ndarray, w: np.ndarray, dtype: np.dtype) -> np.nda
 
 def is_pair_rows(x: np.ndarray) -> bool:
     """Rows the compiled kernels take as 32-bit words of two 16-bit values: C-contiguous 2-D, even H."""
-    return x.ndim == 2 and x.shape[1] % 2 == 0 and x.flags.c_contiguous and x.dtype.itemsize == 2
+    return (x.ndim == 2 and x.shape[1] % 2 == 0 and x.flags.c_contiguous and x.dtype.itemsize == 2
+            and x.ctypes.data % 4 == 0)  # (an unaligned uint32 view would be a new kernel type: a compile mid-run)
 
 
 def digest(y: np.ndarray) -> int:
@@ -78,7 +79,7 @@ class Model:
         a out of it)."""
         w = self._memo(("attn", layer), lambda: self._rng(_SEED_ATTN, layer).uniform(
             0.5, 1.5, self.cfg.hidden_size).astype(np.float32))
-        if is_pair_rows(h) and h.dtype == self.dtype:
+        if is_pair_rows(h) and h.dtype == self.dtype and h.shape[1] == w.size:
             from .ops._kernels import attention_pairs_bf16, attention_pairs_f16
             if out is None or not is_pair_rows(out) or out.shape != h.shape or out.dtype != self.dtype:
                 out = np.empty(h.shape, self.dtype)
@@ -120,7 +121,7 @@ class Model:
         if self.cfg.expert_kind == "scale":
             if out is None:
                 out = np.empty(x.shape, self.dtype)
-            if is_pair_rows(x) and is_pair_rows(out) and x.dtype == out.dtype == self.dtype:
+            if is_pair_rows(x) and is_pair_rows(out) and x.dtype == out.dtype == self.dtype and out.shape == x.shape:
                 from .ops._kernels import (  # the same rounding, in one pass
                     scale_groups_bf16,
                     scale_groups_f16,

@@ -186,11 +186,12 @@ def _scale_rows(src, start, stop, p, half, out):
 @_inline
 def _scale_groups(src, group_list, params, half, out):
     start = 0
+    rows = min(src.shape[0], out.shape[0])
     for g in range(group_list.shape[0]):
         expert, count = group_list[g, 0], group_list[g, 1]
         if count == 0:
             break
-        if expert < 0 or expert >= params.shape[0] or count < 0 or start + count > src.shape[0]:
+        if expert < 0 or expert >= params.shape[0] or count < 0 or start + count > rows:
             return -1 - g
         _scale_rows(src, start, start + count, params[expert], half, out)
         start += count
@@ -200,7 +201,8 @@ def _scale_groups(src, group_list, params, half, out):
 @_jit
 def scale_groups_bf16(src, group_list, params, out):
     """The `scale` expert over a whole batch: the rows of group g (group_list[g] = [local expert id, count], in
-    order, up to a [.., 0] row) times params[id], in one pass; returns the rows done, or -1 - g for a bad group."""
+    order, up to a [.., 0] row) times params[id], in one pass; returns the rows done, or -1 - g for a bad group
+    (an id past params, or rows past src or out)."""
     return _scale_groups(src, group_list, params, False, out)
 
 

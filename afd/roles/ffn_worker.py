@@ -57,7 +57,11 @@ def run_experts(model: Model, local: list[int], batch, out: np.ndarray) -> np.nd
     batch.y[:n] itself: every expert here maps a row to a row of the same shape)."""
     n_local = max(1, len(local))
     y = batch.y
-    if model.cfg.expert_kind == "scale" and is_pair_rows(y) and is_pair_rows(out) and y.dtype == out.dtype == model.dtype:
+    n = int(batch.actual_token_num[0])
+    if out.ctypes.data != y.ctypes.data and np.shares_memory(out, y):
+        raise KernelError("out", "overlaps batch.y other than as y[:n] (each row would be read after it was written)")
+    if (model.cfg.expert_kind == "scale" and is_pair_rows(y) and is_pair_rows(out)
+            and y.dtype == out.dtype == model.dtype and out.shape[1] == y.shape[1] and n <= out.shape[0]):
         # every group in one compiled pass, each row read once and written once into out
         from ..ops import _kernels
         params = model.scale_params(local)
@@ -70,7 +74,7 @@ def run_experts(model: Model, local: list[int], batch, out: np.ndarray) -> np.nd
             done = kernel(y.view(np.uint32), batch.group_list, params, out.view(np.uint32))
         if done < 0:
             raise KernelError("group_list", f"group {-1 - done} {batch.group_list[-1 - done].tolist()} names no "
-                                            f"local expert of {params.size} or runs past y's {y.shape[0]} rows")
+                                            f"local expert of {params.size} or runs past the {min(y.shape[0], out.shape[0])} rows")
         return out
     start = 0
     for local_id, count in batch.group_list.tolist():

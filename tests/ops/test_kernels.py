@@ -123,6 +123,30 @@ def test_grouped_scale_expert_refuses_a_group_past_its_experts():
         run_experts(model, [0, 1], batch, np.empty((4, 256), BF16))
 
 
+def test_compiled_paths_refuse_what_the_numpy_forms_refuse():
+    """Shapes the kernels would read or write past (they run without bounds checks) are errors, as in numpy."""
+    from afd.errors import KernelError
+    from afd.ops.ffn_worker_batching import FfnBatch
+    from afd.roles.ffn_worker import run_experts
+
+    model = Model(load({"name": "k", "token_dtype": "bf16", "expert_kind": "scale", "hidden_size": 256}))
+    x = np.ones((7, 256), BF16)
+    big = np.zeros((16, 256), BF16)
+    with pytest.raises(ValueError):
+        model.expert(1, 3, x, out=big[:2])  # out smaller than x
+    assert not big[2:].view(np.uint16).any()
+    with pytest.raises(ValueError):
+        model.attention(0, np.ones((2, 512), BF16))  # wider than the model's H
+    y = np.ones((8, 256), BF16)
+    batch = FfnBatch(y, np.array([[0, 6], [0, 0]], np.int64), *(np.zeros(8, np.int32),) * 4,
+                     np.zeros(8, np.float32), np.array([6], np.int64))
+    with pytest.raises((KernelError, ValueError)):
+        run_experts(model, [0, 1], batch, big[:2])  # out too short for the batch
+    assert not big[2:].view(np.uint16).any()
+    with pytest.raises(KernelError, match="out: overlaps batch.y"):
+        run_experts(model, [0, 1], batch, y[1:7])
+
+
 def test_model_scale_expert_is_the_same_with_and_without_the_kernel():
     model = Model(load({"name": "k", "token_dtype": "bf16", "expert_kind": "scale", "hidden_size": 256}))
     x = np.random.default_rng(0).standard_normal((7, 256), np.float32).astype(BF16)
