@@ -2,7 +2,6 @@
 does: run_flag = 0, outcome `stopped` naming the signal, the report written, exit 0 (a stop that was asked for,
 as `afd stop`), every process, segment and run directory gone; a second signal does not cut the clean-up."""
 import json
-import os
 import signal
 import subprocess
 import sys
