@@ -36,6 +36,20 @@ def is_pair_rows(x: np.ndarray) -> bool:
             and x.ctypes.data % 4 == 0)  # (an unaligned uint32 view would be a new kernel type: a compile mid-run)
 
 
+def scale_grouped(x: np.ndarray, group_list: np.ndarray, params: np.ndarray, out: np.ndarray) -> int:
+    """The `scale` experts in one compiled pass (pair rows of the token dtype): the rows of group g
+    (group_list[g] = [id, count], up to a count 0) times params[id], into out, or in place when out starts where x
+    does (the one-buffer kernel: the two-buffer one on aliased rows runs scalar). Returns the rows done, or
+    -1 - g for a bad group."""
+    from .ops import _kernels
+    half = x.dtype == DTYPES["fp16"]
+    if out.ctypes.data == x.ctypes.data:
+        kernel = _kernels.scale_groups_inplace_f16 if half else _kernels.scale_groups_inplace_bf16
+        return kernel(out.view(np.uint32), group_list, params)
+    kernel = _kernels.scale_groups_f16 if half else _kernels.scale_groups_bf16
+    return kernel(x.view(np.uint32), group_list, params, out.view(np.uint32))
+
+
 def digest(y: np.ndarray) -> int:
     """A 32-bit fingerprint of one micro-batch output (its bytes)."""
     return zlib.crc32(np.ascontiguousarray(y).view(np.uint8)) & 0xFFFFFFFF
@@ -122,13 +136,7 @@ class Model:
             if out is None:
                 out = np.empty(x.shape, self.dtype)
             if is_pair_rows(x) and is_pair_rows(out) and x.dtype == out.dtype == self.dtype and out.shape == x.shape:
-                from .ops._kernels import (  # the same rounding, in one pass
-                    scale_groups_bf16,
-                    scale_groups_f16,
-                )
-                kernel = scale_groups_bf16 if self.dtype == DTYPES["bf16"] else scale_groups_f16
-                kernel(x.view(np.uint32), np.array([[0, x.shape[0]]], np.int64), np.array([p], np.float32),
-                       out.view(np.uint32))
+                scale_grouped(x, np.array([[0, x.shape[0]]], np.int64), np.array([p], np.float32), out)
                 return out
             out[...] = (x.astype(np.float32) * p).astype(self.dtype)
             return out

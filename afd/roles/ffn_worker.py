@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import KernelError
 from ..faults import FaultyWindow
-from ..model import DTYPES, Model, is_pair_rows
+from ..model import Model, is_pair_rows, scale_grouped
 from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
 from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
@@ -63,15 +63,8 @@ def run_experts(model: Model, local: list[int], batch, out: np.ndarray) -> np.nd
     if (model.cfg.expert_kind == "scale" and is_pair_rows(y) and is_pair_rows(out)
             and y.dtype == out.dtype == model.dtype and out.shape[1] == y.shape[1] and n <= out.shape[0]):
         # every group in one compiled pass, each row read once and written once into out
-        from ..ops import _kernels
         params = model.scale_params(local)
-        half = model.dtype != DTYPES["bf16"]
-        if out.ctypes.data == y.ctypes.data:  # in place (out = y[:n]): the one-buffer kernel
-            kernel = _kernels.scale_groups_inplace_f16 if half else _kernels.scale_groups_inplace_bf16
-            done = kernel(out.view(np.uint32), batch.group_list, params)
-        else:
-            kernel = _kernels.scale_groups_f16 if half else _kernels.scale_groups_bf16
-            done = kernel(y.view(np.uint32), batch.group_list, params, out.view(np.uint32))
+        done = scale_grouped(y, batch.group_list, params, out)
         if done < 0:
             raise KernelError("group_list", f"group {-1 - done} {batch.group_list[-1 - done].tolist()} names no "
                                             f"local expert of {params.size} or runs past the {min(y.shape[0], out.shape[0])} rows")
