@@ -36,6 +36,16 @@ def is_pair_rows(x: np.ndarray) -> bool:
             and x.ctypes.data % 4 == 0)  # (an unaligned uint32 view would be a new kernel type: a compile mid-run)
 
 
+def empty_lines(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty(shape, dtype) starting on a 64-byte cache line (numpy only aligns to 16). A kernel writing rows into
+    cold memory then stores whole lines instead of splitting every other vector store across two: the attention
+    stand-in into its reused output, measured on 48 x 7168 bf16 with the output cold, 210 -> 182 us."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def scale_grouped(x: np.ndarray, group_list: np.ndarray, params: np.ndarray, out: np.ndarray) -> int:
     """The `scale` experts in one compiled pass (pair rows of the token dtype): the rows of group g
     (group_list[g] = [id, count], up to a count 0) times params[id], into out, or in place when out starts where x
@@ -96,9 +106,11 @@ class Model:
         if is_pair_rows(h) and h.dtype == self.dtype and h.shape[1] == w.size:
             from .ops._kernels import attention_pairs_bf16, attention_pairs_f16
             if out is None or not is_pair_rows(out) or out.shape != h.shape or out.dtype != self.dtype:
-                out = np.empty(h.shape, self.dtype)
+                out = empty_lines(h.shape, self.dtype)
+            # the kernel takes w's even and odd columns apart, one per half of a 32-bit word of h
+            w_even, w_odd = self._memo(("attn pairs", layer), lambda: (w[0::2].copy(), w[1::2].copy()))
             kernel = attention_pairs_bf16 if self.dtype == DTYPES["bf16"] else attention_pairs_f16
-            kernel(h.view(np.uint32), w, out.view(np.uint32))
+            kernel(h.view(np.uint32), w_even, w_odd, out.view(np.uint32))
             return out
         return attention_reference(h, w, self.dtype)
 

@@ -226,29 +226,32 @@ def scale_groups_inplace_f16(rows, group_list, params):
 
 
 @_inline
-def _attention_rows(src, w, half, out):
+def _attention_rows(src, w_even, w_odd, half, out):
     for i in range(src.shape[0]):
         r = src[i]
         o = out[i]
         for j in range(src.shape[1]):
             word = r[j]
-            v0 = lo(word, half) * w[2 * j]
-            v1 = hi(word, half) * w[2 * j + 1]
+            v0 = lo(word, half) * w_even[j]
+            v1 = hi(word, half) * w_odd[j]
             # softsign v / (1 + |v|): IEEE add, abs and divide, so every build and numpy agree bit for bit
             o[j] = _u(narrow(v0 / (_ONE + abs(v0)), half) | _u(narrow(v1 / (_ONE + abs(v1)), half) << _U16))
 
 
 
 @_jit
-def attention_pairs_bf16(src, w, out):
-    """The attention stand-in a = softsign(f32(h) * w) on rows of bf16 pairs (BS x H/2 words), in one pass."""
-    _attention_rows(src, w, False, out)
+def attention_pairs_bf16(src, w_even, w_odd, out):
+    """The attention stand-in a = softsign(f32(h) * w) on rows of bf16 pairs (BS x H/2 words), in one pass. The
+    weights come split into even and odd columns (w[0::2], w[1::2]), one per half of a word: with w whole, LLVM
+    splits it in the loop with two 512-bit permutes per 16 values (measured on 48 x 7168: 121 -> 91 us with the
+    data in cache, 248 -> 190 us with the output cold)."""
+    _attention_rows(src, w_even, w_odd, False, out)
 
 
 @_jit
-def attention_pairs_f16(src, w, out):
+def attention_pairs_f16(src, w_even, w_odd, out):
     """attention_pairs_bf16 for fp16 rows."""
-    _attention_rows(src, w, True, out)
+    _attention_rows(src, w_even, w_odd, True, out)
 
 
 @_jit
@@ -341,7 +344,7 @@ def warm_up_batching() -> None:
 def warm_up_attention(half: bool) -> None:
     """Load (once per machine: compile) the attention stand-in's kernel for fp16 (half) or bf16."""
     (attention_pairs_f16 if half else attention_pairs_bf16)(
-        np.zeros((1, 1), np.uint32), np.zeros(2, np.float32), np.zeros((1, 1), np.uint32))
+        np.zeros((1, 1), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros((1, 1), np.uint32))
 
 
 def warm_up_scale(half: bool) -> None:
