@@ -46,8 +46,8 @@ def combine_tokens(data: np.ndarray, expert_scales: np.ndarray, out_dtype, out: 
     """
     bs, k = expert_scales.shape
     h = data.shape[2]
-    if (h % 2 == 0 and data.strides[2] == 2 and data.strides[1] % 4 == 0 and data.ctypes.data % 4 == 0
-            and np.dtype(out_dtype) == data.dtype):
+    if (h % 2 == 0 and data.strides[2] == 2 and np.dtype(out_dtype) == data.dtype
+            and data.view(np.uint32).flags.aligned):  # (words at aligned addresses and strides)
         return _combine_compiled(data, np.ascontiguousarray(expert_scales, np.float32), out_dtype, out)
     k1 = k + 1
     scales = np.asarray(expert_scales, np.float32)[:, :, None]
