@@ -136,6 +136,7 @@ class Device:
         self._owned: set[int] = set()
         self._next = 0
         self._lock = threading.Lock()
+        self.generation = 0
 
     # -- allocation -------------------------------------------------------------------------
     def malloc(self, nbytes: int) -> DeviceBuffer:
@@ -199,6 +200,7 @@ class Device:
         self._owned.clear()
 
     def _unmap(self, index: int) -> None:
+        self.generation += 1  # views derived from this device's mappings are stale (ops/_context.prepared)
         mm = self._maps.pop(index, None)
         if mm is not None:
             try:

@@ -56,6 +56,9 @@ FFN_POLLING_INDEX_OFFSET = 416
 FFN_OUT_NUM_OFFSET = 576
 
 
+_V0, _V1, _V2, _V3 = RUN_FLAG_OFFSET, ATTENTION_MICRO_BATCH_ID_OFFSET, FFN_POLLING_INDEX_OFFSET, FFN_OUT_NUM_OFFSET
+
+
 def field_offsets() -> dict[str, int]:
     """Every non-reserved field as 'area.name' -> absolute byte offset."""
     out = {}
@@ -132,8 +135,15 @@ class ScheduleContext:
         self.u64 = raw.view("<u8")
         self.device = device
         self.address = address
+        self.prepared: dict = {}  # op -> (static_bytes, device state, what the op derived from them): ops/_context
         for area in AREAS:
             setattr(self, area, _Area(self._rec[area], area, self, SCHEDULE_CONTEXT_DTYPE.fields[area][1]))
+
+    def static_bytes(self) -> bytes:
+        """The context without the fields the ops change as they run (run_flag, attention.micro_batch_id,
+        ffn.polling_index, ffn.out_num): what an op's checks and buffer views depend on."""
+        b = self._raw.tobytes()
+        return b[:_V0] + b[_V0 + 4:_V1] + b[_V1 + 4:_V2] + b[_V2 + 8:_V3] + b[_V3 + 4:]
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, device=None) -> "ScheduleContext":

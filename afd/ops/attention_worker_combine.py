@@ -7,8 +7,8 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
-from ..layout import ATTENTION_MICRO_BATCH_ID_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG
-from ._context import as_context, device_of, require_buffer, require_positive
+from ..layout import ATTENTION_MICRO_BATCH_ID_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG, ScheduleContext
+from ._context import as_context, device_of, prepared, require_buffer, require_positive
 from ._polling import Idle, Stopped, Waiting, sched_yield
 
 log = logging.getLogger("afd.ops.attention_worker_combine")
@@ -166,24 +166,15 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
     bs, k = scales.shape
     k1, h = k + 1, int(hidden_size)
     dtype = TOKEN_DTYPES[token_dtype]
-    attention = ctx.attention
-    require_positive(ctx.common, "micro_batch_num")
-    m = ctx.common.micro_batch_num
-    mb = attention.micro_batch_id
+    m = prepared(ctx, "attention_worker_combine", _micro_batch_num)
+    mb = int(ctx.u32[_MICRO_BATCH_ID])
     if need_schedule:
         mb = (mb + 1) % m
     elif mb >= m:
         raise KernelError("attention.micro_batch_id", f"micro_batch_id[{mb}] is out of range [0,{m})")
-    # Bounds against the declared sizes: the real kernel would read past them silently.
-    data_end = (mb + 1) * bs * k1 * h * dtype.itemsize
-    require_buffer(attention, "token_data_buf", data_end)
-    dev = device_of(ctx)
-    data = dev.view(attention.token_data_buf + mb * bs * k1 * h * dtype.itemsize, bs * k1 * h * dtype.itemsize,
-                    dtype, field="attention.token_data_buf").reshape(bs, k1, h)
+    data, flags = prepared(ctx, "attention_worker_combine views", _micro_batch_views, mb, bs, k1, h, token_dtype,
+                           need_schedule)
     if need_schedule:
-        require_buffer(attention, "token_info_buf", (mb + 1) * bs * k1 * 4)
-        flags = dev.view(attention.token_info_buf + mb * bs * k1 * 4, bs * k1 * 4, "<i4",
-                         field="attention.token_info_buf")
         _wait_flags(ctx, flags, mb, bs, k1, idle)
     if out is not None and (out.shape != (bs, h) or out.dtype != dtype):
         raise KernelError("y", f"the output must be ({bs}, {h}) {dtype}, got {out.shape} {out.dtype}")
@@ -193,6 +184,26 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
         ctx.u32[_MICRO_BATCH_ID] = mb
         log.debug("combined micro_batch_id=%d, flags cleared", mb)
     return y, np.array([lid + 1], dtype=np.int32)
+
+
+def _micro_batch_num(ctx: ScheduleContext) -> int:
+    require_positive(ctx.common, "micro_batch_num")
+    return ctx.common.micro_batch_num
+
+
+def _micro_batch_views(ctx: ScheduleContext, mb: int, bs: int, k1: int, h: int, token_dtype: int,
+                       need_schedule: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Micro-batch mb's returned slots (BS, K+1, H) and, with need_schedule, its flags, after their bounds checks
+    against the declared sizes (the real kernel would read past them silently)."""
+    attention, dev, itemsize = ctx.attention, device_of(ctx), TOKEN_DTYPES[token_dtype].itemsize
+    require_buffer(attention, "token_data_buf", (mb + 1) * bs * k1 * h * itemsize)
+    data = dev.view(attention.token_data_buf + mb * bs * k1 * h * itemsize, bs * k1 * h * itemsize,
+                    TOKEN_DTYPES[token_dtype], field="attention.token_data_buf").reshape(bs, k1, h)
+    if not need_schedule:
+        return data, None
+    require_buffer(attention, "token_info_buf", (mb + 1) * bs * k1 * 4)
+    return data, dev.view(attention.token_info_buf + mb * bs * k1 * 4, bs * k1 * 4, "<i4",
+                          field="attention.token_info_buf")
 
 
 def _wait_flags(ctx, flags: np.ndarray, mb: int, bs: int, k1: int, idle: Idle) -> None:

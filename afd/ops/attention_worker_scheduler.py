@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import KERNEL_STATUS_OK, KernelError
 from ..layout import ATTENTION_MICRO_BATCH_ID_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG, ScheduleContext
-from ._context import as_context, checked_product, device_of, require_buffer, require_positive
+from ._context import as_context, checked_product, device_of, prepared, require_buffer, require_positive
 from ._polling import Idle, Waiting, sched_yield
 
 log = logging.getLogger("afd.ops.attention_worker_scheduler")
@@ -18,6 +18,21 @@ _MICRO_BATCH_ID = ATTENTION_MICRO_BATCH_ID_OFFSET // 4
 
 def check_attention_context(ctx: ScheduleContext) -> tuple[int, int, int]:
     """The kernel's parameter checks; returns (M, BS, K+1)."""
+    m, bs, k1 = check_attention_static(ctx)
+    checked_micro_batch_id(ctx, m)
+    return m, bs, k1
+
+
+def checked_micro_batch_id(ctx: ScheduleContext, m: int) -> int:
+    """attention.micro_batch_id, which must be < M (read per call: the ops change it)."""
+    micro_batch_id = int(ctx.u32[_MICRO_BATCH_ID])
+    if micro_batch_id >= m:
+        raise KernelError("attention.micro_batch_id", f"micro_batch_id[{micro_batch_id}] is out of range [0,{m})")
+    return micro_batch_id
+
+
+def check_attention_static(ctx: ScheduleContext) -> tuple[int, int, int]:
+    """check_attention_context without micro_batch_id (the field the ops change): the static fields only."""
     common, attention = ctx.common, ctx.attention
     if common.schedule_mode != 1:
         raise KernelError("common.schedule_mode",
@@ -26,9 +41,13 @@ def check_attention_context(ctx: ScheduleContext) -> tuple[int, int, int]:
     m, bs, k1 = common.micro_batch_num, common.micro_batch_size, common.selected_expert_num
     require_buffer(attention, "token_info_buf", checked_product("attention.token_info_buf_size", m, bs, k1, 4))
     require_buffer(attention, "token_data_buf")
-    if attention.micro_batch_id >= m:
-        raise KernelError("attention.micro_batch_id", f"micro_batch_id[{attention.micro_batch_id}] is out of range [0,{m})")
     return m, bs, k1
+
+
+def _flag_views(ctx: ScheduleContext) -> tuple[int, int, int, list[np.ndarray]]:
+    """(M, BS, K+1, each micro-batch's live [BS, K+1] flags) after the static checks."""
+    m, bs, k1 = check_attention_static(ctx)
+    return m, bs, k1, [attention_flags(ctx, mb, m, bs, k1) for mb in range(m)]
 
 
 def attention_flags(ctx: ScheduleContext, micro_batch_id: int, m: int, bs: int, k1: int) -> np.ndarray:
@@ -41,9 +60,9 @@ def attention_flags(ctx: ScheduleContext, micro_batch_id: int, m: int, bs: int, 
 def attention_worker_scheduler_(schedule_context, *, idle: Idle = sched_yield) -> int:
     """In place: wait for every flag of the next micro-batch, zero them, set micro_batch_id; OK on run_flag=0."""
     ctx = as_context(schedule_context)
-    m, bs, k1 = check_attention_context(ctx)
-    target = (ctx.attention.micro_batch_id + 1) % m
-    flags2d = attention_flags(ctx, target, m, bs, k1)
+    m, bs, k1, flag_views = prepared(ctx, "attention_worker_scheduler_", _flag_views)
+    target = (checked_micro_batch_id(ctx, m) + 1) % m
+    flags2d = flag_views[target]
     flags = flags2d.reshape(-1)
     flag_num = flags.size
     i32 = ctx.i32

@@ -8,15 +8,16 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
-from ..layout import (EXPERT_ID_INIT, EXPERT_ID_SENTINEL, FFN_POLLING_INDEX_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG,
-                      ScheduleContext)
-from ._context import as_context, device_of, require_buffer
+from ..layout import (EXPERT_ID_INIT, EXPERT_ID_SENTINEL, FFN_OUT_NUM_OFFSET, FFN_POLLING_INDEX_OFFSET,
+                      RUN_FLAG_OFFSET, VALID_FLAG, ScheduleContext)
+from ._context import as_context, device_of, prepared, require_buffer
 from ._polling import Idle, Stopped, Waiting, sched_yield
-from .ffn_worker_scheduler import check_ffn_context, ffn_records
+from .ffn_worker_scheduler import check_ffn_static, check_polling_index, ffn_records
 
 log = logging.getLogger("afd.ops.ffn_worker_batching")
 
 _RUN_FLAG = RUN_FLAG_OFFSET // 4
+_OUT_NUM = FFN_OUT_NUM_OFFSET // 4
 _POLLING_INDEX = FFN_POLLING_INDEX_OFFSET // 8
 TOKEN_DTYPES = {0: np.dtype(np.float16), 1: np.dtype(ml_dtypes.bfloat16), 2: np.dtype(np.int8)}
 MAX_SESSIONS, MAX_MICRO_BATCHES, MAX_K1, MAX_EXPERTS = 1024, 64, 64, 8192
@@ -55,6 +56,12 @@ def check_ffn_worker_batching_host(schedule_context, expert_num: int, max_out_sh
         raise KernelError("layer_num", f"must be >= 0 and divide expert_num {expert_num}, got {layer_num}")
 
 
+def _token_data(ctx: ScheduleContext, slots: int, hs: int) -> np.ndarray:
+    """The FFN window's data region as (slots, HS) bytes, after its size check."""
+    require_buffer(ctx.ffn, "token_data_buf", slots * hs)
+    return device_of(ctx).view(ctx.ffn.token_data_buf, slots * hs, field="ffn.token_data_buf").reshape(-1, hs)
+
+
 def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_dtype: int = 0,
                         need_schedule: int = 0, layer_num: int = 0, *, idle: Idle = sched_yield) -> FfnBatch:
     """Batch the slots received from the attention sessions, sorted (stably) by local expert id.
@@ -72,7 +79,8 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
     check_ffn_worker_batching_host(schedule_context, expert_num, max_out_shape, token_dtype, need_schedule,
                                    layer_num)
     ctx = as_context(schedule_context)
-    a, m, bs, k1 = check_ffn_context(ctx)
+    a, m, bs, k1 = prepared(ctx, "ffn_worker_batching", check_ffn_static)
+    check_polling_index(ctx, m)
     shape = tuple(int(v) for v in max_out_shape)
     if shape[:3] != (a, bs, k1):
         raise KernelError("max_out_shape", f"must be [A={a}, BS={bs}, K+1={k1}, H>0], got {list(shape)}")
@@ -90,9 +98,7 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
         raise KernelError("common.attn_to_ffn_token_size", f"{hs} bytes per slot cannot hold a {row_bytes}-byte "
                                                            f"token (H={h}, token_dtype={token_dtype})")
     y_cap = a * bs * k1
-    require_buffer(ctx.ffn, "token_data_buf", a * m * bs * k1 * hs)
-    dev = device_of(ctx)
-    data = dev.view(ctx.ffn.token_data_buf, a * m * bs * k1 * hs, field="ffn.token_data_buf").reshape(-1, hs)
+    data = prepared(ctx, "ffn_worker_batching data", _token_data, a * m * bs * k1, hs)
 
     records = None
     if need_schedule:
@@ -132,16 +138,21 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
     return FfnBatch(y, group_list, sess, mb_of, token, k, dynamic_scale, np.array([n], np.int64))
 
 
-def _emitted(ctx: ScheduleContext, a: int, m: int, bs: int, k1: int):
-    """(session ids, micro-batch ids, expert ids [out_num, BS*(K+1)]) from FfnWorkerScheduler's out buffers."""
+def _emitted_views(ctx: ScheduleContext, a: int, slots: int) -> dict[str, np.ndarray]:
     ffn, dev = ctx.ffn, device_of(ctx)
-    out_num = ffn.out_num
-    if out_num > a:
-        raise KernelError("ffn.out_num", f"{out_num} must be <= session_num {a}")
     views = {}
-    for name, count in (("session_ids_buf", a), ("micro_batch_ids_buf", a), ("expert_ids_buf", a * bs * k1)):
+    for name, count in (("session_ids_buf", a), ("micro_batch_ids_buf", a), ("expert_ids_buf", a * slots)):
         require_buffer(ffn, name, 4 * count)
         views[name] = dev.view(getattr(ffn, name), 4 * count, "<i4", field=f"ffn.{name}")
+    return views
+
+
+def _emitted(ctx: ScheduleContext, a: int, m: int, bs: int, k1: int):
+    """(session ids, micro-batch ids, expert ids [out_num, BS*(K+1)]) from FfnWorkerScheduler's out buffers."""
+    out_num = int(ctx.u32[_OUT_NUM])
+    if out_num > a:
+        raise KernelError("ffn.out_num", f"{out_num} must be <= session_num {a}")
+    views = prepared(ctx, "ffn_worker_batching emitted", _emitted_views, a, bs * k1)
     sessions = views["session_ids_buf"][:out_num].astype(np.int64)
     mbs = views["micro_batch_ids_buf"][:out_num].astype(np.int64)
     if sessions.size and (sessions.min() < 0 or sessions.max() >= a):

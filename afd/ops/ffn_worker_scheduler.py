@@ -9,7 +9,7 @@ from ..errors import (ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, KERNEL_S
                       KernelError)
 from ..layout import (EXPERT_ID_SENTINEL, FFN_OUT_NUM_OFFSET, FFN_POLLING_INDEX_OFFSET, RUN_FLAG_OFFSET,
                       VALID_FLAG, FfnWindowLayout, ScheduleContext)
-from ._context import as_context, checked_product, device_of, require_buffer, require_positive
+from ._context import as_context, checked_product, device_of, prepared, require_buffer, require_positive
 from ._polling import Idle, Waiting, sched_yield
 
 log = logging.getLogger("afd.ops.ffn_worker_scheduler")
@@ -21,6 +21,20 @@ _POLLING_INDEX = FFN_POLLING_INDEX_OFFSET // 8
 
 def check_ffn_context(ctx: ScheduleContext) -> tuple[int, int, int, int]:
     """The kernel's context checks shared by the FFN-side ops; returns (A, M, BS, K+1)."""
+    a, m, bs, k1 = check_ffn_static(ctx)
+    check_polling_index(ctx, m)
+    return a, m, bs, k1
+
+
+def check_polling_index(ctx: ScheduleContext, m: int) -> None:
+    """polling_index < M (the one check on a field the ops change: made per call, outside prepared)."""
+    polling_index = int(ctx.u64[_POLLING_INDEX])
+    if polling_index >= m:
+        raise KernelError("ffn.polling_index", f"polling_index[{polling_index}] is out of range [0,{m})")
+
+
+def check_ffn_static(ctx: ScheduleContext) -> tuple[int, int, int, int]:
+    """check_ffn_context without polling_index: what depends on the static fields only."""
     common, ffn = ctx.common, ctx.ffn
     if common.schedule_mode != 0:
         raise KernelError("common.schedule_mode", f"The scheduler mode must be 'ffn' (0), got {common.schedule_mode}")
@@ -29,9 +43,15 @@ def check_ffn_context(ctx: ScheduleContext) -> tuple[int, int, int, int]:
                     common.selected_expert_num)
     require_buffer(ffn, "token_info_buf", checked_product("ffn.token_info_buf_size", a, m, 8 + 4 * bs * k1))
     require_buffer(ffn, "token_data_buf")
-    if ffn.polling_index >= m:
-        raise KernelError("ffn.polling_index", f"polling_index[{ffn.polling_index}] is out of range [0,{m})")
     return a, m, bs, k1
+
+
+def _scheduler_views(ctx: ScheduleContext):
+    """(A, M, BS, K+1, out buffers, records, their header flags) after the static checks."""
+    a, m, bs, k1 = check_ffn_static(ctx)
+    out = _out_buffers(ctx, a, bs, k1)
+    records = ffn_records(ctx, a, m, bs, k1)
+    return a, m, bs, k1, out, records, records[:, :, 0]  # flags: a live (A, M) view
 
 
 def ffn_records(ctx: ScheduleContext, a: int, m: int, bs: int, k1: int) -> np.ndarray:
@@ -91,13 +111,11 @@ def ffn_worker_scheduler_(schedule_context, sync_group_size: int | None, execute
     """
     check_ffn_worker_scheduler_host(schedule_context, execute_mode)
     ctx = as_context(schedule_context)
-    a, m, bs, k1 = check_ffn_context(ctx)
-    out = _out_buffers(ctx, a, bs, k1)
+    a, m, bs, k1, out, records, flags = prepared(ctx, "ffn_worker_scheduler_", _scheduler_views)
+    check_polling_index(ctx, m)
     group_size = a if sync_group_size is None else int(sync_group_size)
     if not 1 <= group_size <= a or a % group_size:
         raise KernelError("sync_group_size", f"must be in [1, {a}] and divide session_num {a}, got {group_size}")
-    records = ffn_records(ctx, a, m, bs, k1)
-    flags = records[:, :, 0]  # live (A, M) view of the header flags
     i32 = ctx.i32
     ctx.u32[_OUT_NUM] = 0
     group_num = a // group_size
