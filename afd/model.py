@@ -147,8 +147,38 @@ class Model:
         scales[c.valid_tokens:] = 0
         return ids, scales
 
-    def residual(self, h: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return (h.astype(np.float32) + y.astype(np.float32)).astype(self.dtype)
+    def residual(self, h: np.ndarray, y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The next layer's input h + y: fp32 add, rounded to the token dtype (one compiled pass on pair rows).
+        Into `out` when given, which may be h itself (the attention role: its h is not needed after)."""
+        h_words = pair_words(h) if h.dtype == self.dtype and y.dtype == self.dtype and h.shape == y.shape else None
+        y_words = pair_words(y) if h_words is not None else None
+        out_words = None
+        if out is not None and out is not h and y_words is not None:
+            out_words = pair_words(out) if out.shape == h.shape and out.dtype == self.dtype else None
+            if out_words is not None and (np.shares_memory(out, h) or np.shares_memory(out, y)):
+                raise ValueError("residual: out overlaps h or y other than as h itself")
+        if y_words is None or (out is not None and out is not h and out_words is None):
+            value = (h.astype(np.float32) + y.astype(np.float32)).astype(self.dtype)
+            if out is None:
+                return value
+            out[...] = value
+            return out
+        kernels = self._memo("residual kernels", self._residual_kernels)[self.dtype == DTYPES["fp16"]]
+        if out is h:
+            kernels[1](h_words, y_words)
+            return h
+        if out is None:
+            out = empty_lines(h.shape, self.dtype)
+            out_words = out.view(np.uint32)
+        kernels[0](h_words, y_words, out_words)
+        return out
+
+    @staticmethod
+    def _residual_kernels():
+        """((bf16, bf16 in place), (fp16, fp16 in place))"""
+        from .ops import _kernels as k
+        return ((k.residual_pairs_bf16, k.residual_pairs_inplace_bf16),
+                (k.residual_pairs_f16, k.residual_pairs_inplace_f16))
 
     # -- experts ---------------------------------------------------------------------------------
     def expert_param(self, layer: int, expert: int):

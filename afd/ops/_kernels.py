@@ -254,6 +254,44 @@ def attention_pairs_f16(src, w_even, w_odd, out):
     _attention_rows(src, w_even, w_odd, True, out)
 
 
+@_inline
+def _residual_rows(h, y, half, out):
+    for i in range(h.shape[0]):
+        a = h[i]
+        b = y[i]
+        o = out[i]
+        for j in range(h.shape[1]):
+            u = a[j]
+            v = b[j]
+            o[j] = _u(narrow(lo(u, half) + lo(v, half), half) | _u(narrow(hi(u, half) + hi(v, half), half) << _U16))
+
+
+@_jit
+def residual_pairs_bf16(h, y, out):
+    """The residual h + y in fp32, rounded to bf16, on rows of bf16 pairs, in one pass (numpy's form is four:
+    two widenings, the add, the rounding; 0.63 ms on 48 x 7168 with its data in cache)."""
+    _residual_rows(h, y, False, out)
+
+
+@_jit
+def residual_pairs_f16(h, y, out):
+    """residual_pairs_bf16 for fp16 rows."""
+    _residual_rows(h, y, True, out)
+
+
+@_jit
+def residual_pairs_inplace_bf16(h, y):
+    """h += y (residual_pairs_bf16 into h itself: given the same array twice, LLVM's overlap check fails and the
+    two-buffer kernel runs scalar)."""
+    _residual_rows(h, y, False, h)
+
+
+@_jit
+def residual_pairs_inplace_f16(h, y):
+    """residual_pairs_inplace_bf16 for fp16 rows."""
+    _residual_rows(h, y, True, h)
+
+
 @_jit
 def copy_rows(dst, dst_index, src, src_index, width):
     """dst[dst_index[i], :width] = src[src_index[i], :width] for every i (uint8 rows): a row scatter-gather in one
@@ -342,9 +380,13 @@ def warm_up_batching() -> None:
 
 
 def warm_up_attention(half: bool) -> None:
-    """Load (once per machine: compile) the attention stand-in's kernel for fp16 (half) or bf16."""
-    (attention_pairs_f16 if half else attention_pairs_bf16)(
-        np.zeros((1, 1), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros((1, 1), np.uint32))
+    """Load (once per machine: compile) the attention stand-in's and the residual's kernels for fp16 (half) or
+    bf16."""
+    words = [np.zeros((1, 1), np.uint32) for _ in range(3)]
+    (attention_pairs_f16 if half else attention_pairs_bf16)(words[0], np.zeros(1, np.float32),
+                                                            np.zeros(1, np.float32), words[1])
+    (residual_pairs_f16 if half else residual_pairs_bf16)(*words)
+    (residual_pairs_inplace_f16 if half else residual_pairs_inplace_bf16)(*words[:2])
 
 
 def warm_up_scale(half: bool) -> None:

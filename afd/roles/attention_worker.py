@@ -45,7 +45,8 @@ def body(rt) -> None:
         rt.check_faults(t, layer, m)
         if i >= M:  # this micro-batch's previous layer pass must have been combined
             rt.wait_until(lambda: counters[COMBINE_DONE] >= i - M + 1, "attention_worker_combine output", m)
-        h = model.input(t, s, m) if layer == 0 else model.residual(layer_input[m], stream.y[m])
+        # (the residual in place: the previous layer's h is not needed after it)
+        h = model.input(t, s, m) if layer == 0 else model.residual(layer_input[m], stream.y[m], out=layer_input[m])
         layer_input[m] = h
         with rt.op("attention", None, attention_ns):
             a = a_buf = model.attention(layer, h, out=a_buf)  # (one buffer: A2F copies a out of it)

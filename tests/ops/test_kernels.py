@@ -49,6 +49,40 @@ def test_attention_stand_in_rounds_every_16_bit_pattern_like_numpy(dtype):
         _same_bits(out, attention_reference(h, w, dtype))
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_residual_rounds_every_16_bit_pattern_pair_like_numpy(dtype):
+    """Every pattern as h against a shuffled copy of every pattern (and itself) as y: overflow, cancellation,
+    subnormal sums, infinities of both signs, NaNs."""
+    from afd.ops._kernels import residual_pairs_bf16, residual_pairs_f16
+
+    h = EVERY_16_BIT_PATTERN.view(dtype)
+    for y in (h[::-1, ::-1].copy(), np.random.default_rng(2).permutation(h.reshape(-1)).reshape(h.shape), h):
+        out = np.empty_like(h)
+        (residual_pairs_bf16 if dtype == BF16 else residual_pairs_f16)(h.view(np.uint32), y.view(np.uint32),
+                                                                       out.view(np.uint32))
+        with np.errstate(all="ignore"):
+            _same_bits(out, (h.astype(np.float32) + y.astype(np.float32)).astype(dtype))
+
+
+@pytest.mark.parametrize("token_dtype", ["bf16", "fp16"])
+def test_model_residual_is_the_same_with_and_without_the_kernel(token_dtype):
+    model = Model(load({"name": "k", "token_dtype": token_dtype, "hidden_size": 256}))
+    rng = np.random.default_rng(0)
+    h, y = (rng.uniform(-3, 3, (7, 256)).astype(model.dtype) for _ in range(2))
+    got = model.residual(h, y)
+    assert got.ctypes.data % 64 == 0
+    assert np.array_equal(got.view(np.uint16), model.residual(np.asfortranarray(h), y).view(np.uint16))
+    assert np.array_equal(got.view(np.uint16), (h.astype(np.float32) + y.astype(np.float32)).astype(model.dtype)
+                          .view(np.uint16))
+    into = np.empty_like(h)
+    assert model.residual(h, y, out=into) is into and np.array_equal(into.view(np.uint16), got.view(np.uint16))
+    odd = np.asfortranarray(np.empty_like(h))  # an out the kernel cannot take: the numpy form's assignment
+    assert model.residual(h, y, out=odd) is odd and np.array_equal(odd.view(np.uint16), got.view(np.uint16))
+    with pytest.raises(ValueError, match="overlaps"):
+        model.residual(h, y, out=y)
+    assert model.residual(h, y, out=h) is h and np.array_equal(h.view(np.uint16), got.view(np.uint16))  # in place
+
+
 def test_fp32_to_fp16_rounds_like_numpy_on_every_boundary():
     """to_f16 against numpy's cast: random patterns, the subnormal and overflow boundaries bit by bit, every NaN
     payload class (an exhaustive pass over all 2**32 patterns matched too, run once by hand: 8 minutes)."""
