@@ -32,6 +32,7 @@ from ..ops.attention_worker_combine import (
 )
 from ..ops.ffn_to_attention import _IDS, check_ffn_to_attention_host, ffn_to_attention
 from ..ops.ffn_worker_batching import (
+    FfnBatch,
     check_ffn_worker_batching_host,
     ffn_worker_batching,
 )
@@ -396,15 +397,17 @@ def npu_ffn_worker_batching(schedule_context, expert_num, max_out_shape, token_d
     def kernel():
         ctx = _context(schedule_context)
         try:
+            given = FfnBatch(*(numpy_of(t) for t in outs))  # written in place where shapes and dtypes match
             batch = ffn_worker_batching(ctx, expert_num, max_out_shape, token_dtype, need_schedule, layer_num,
-                                        idle=_policy())
+                                        idle=_policy(), out=given)
         except _polling.Stopped:
             for t in outs:
                 numpy_of(t)[...] = 0
             _warn_stopped(op)
             return {"stopped": True}
-        for t, value in zip(outs, batch):
-            numpy_of(t)[...] = value
+        for array, value in zip(given, batch):
+            if value is not array:
+                array[...] = value
         n = int(batch.actual_token_num[0])
         units = sorted({(int(s), int(m)) for s, m in zip(batch.session_ids[:n], batch.micro_batch_ids[:n])})
         return {"actual_token_num": n, "units": units}

@@ -62,8 +62,20 @@ def _token_data(ctx: ScheduleContext, slots: int, hs: int) -> np.ndarray:
     return device_of(ctx).view(ctx.ffn.token_data_buf, slots * hs, field="ffn.token_data_buf").reshape(-1, hs)
 
 
+def _outputs(out: FfnBatch | None, y_cap: int, h: int, dtype: np.dtype, expert_num: int) -> FfnBatch:
+    """The caller's output arrays where each has the op's shape and dtype (and is C-contiguous), else new ones:
+    like the aclnn op, which writes into tensors its caller allocated (a role reuses one FfnBatch: a new y of
+    6 MB per call also costs its page faults, ~10% of the gather measured)."""
+    want = FfnBatch(((y_cap, h), dtype), ((expert_num, 2), np.int64), *[((y_cap,), np.int32)] * 4,
+                    ((y_cap,), np.float32), ((1,), np.int64))
+    given = out if out is not None else [None] * len(want)
+    return FfnBatch(*(a if a is not None and a.shape == shape and a.dtype == dt and a.flags.c_contiguous
+                      and a.flags.writeable else np.empty(shape, dt) for a, (shape, dt) in zip(given, want)))
+
+
 def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_dtype: int = 0,
-                        need_schedule: int = 0, layer_num: int = 0, *, idle: Idle = sched_yield) -> FfnBatch:
+                        need_schedule: int = 0, layer_num: int = 0, *, idle: Idle = sched_yield,
+                        out: FfnBatch | None = None) -> FfnBatch:
     """Batch the slots received from the attention sessions, sorted (stably) by local expert id.
 
     need_schedule=0 reads what FfnWorkerScheduler emitted (out_num sessions: session/mb ids and expert ids).
@@ -115,19 +127,18 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
     # pass; then each slot's token straight into its row of y, once, and only the rows past n zeroed (numpy's form
     # was an argsort, a unique, three passes over y and a temporary of whole slots).
     from ._kernels import batch_slots, copy_rows
+    res = _outputs(out, y_cap, h, dtype, expert_num)
     src = np.empty(y_cap, np.int64)
-    sess, mb_of, token, k = (np.empty(y_cap, np.int32) for _ in range(4))
-    group_list = np.empty((expert_num, 2), np.int64)
+    y, group_list, sess, mb_of, token, k, dynamic_scale = res[:7]
     n = batch_slots(np.ascontiguousarray(ids, np.int32), sessions, mbs, expert_num, m, bs, k1, EXPERT_ID_SENTINEL,
                     EXPERT_ID_INIT, np.empty(expert_num, np.int64), src, sess, mb_of, token, k, group_list)
     if n < 0:
         raise KernelError("expert_ids", f"id {int(ids.reshape(-1)[-1 - n])} is neither in [0, "
                                         f"expert_num={expert_num}) nor a sentinel")
     width = h * dtype.itemsize
-    y = np.empty((y_cap, h), dtype)
     copy_rows(y.view(np.uint8).reshape(y_cap, width), np.arange(n, dtype=np.int64), data, src[:n], width)
     y[n:] = 0
-    dynamic_scale = np.zeros(y_cap, np.float32)
+    dynamic_scale[:] = 0
     if token_dtype == 2:
         dynamic_scale[:n] = np.ascontiguousarray(data[src[:n], scale_at:scale_at + 4]).view("<f4").reshape(n)
 
@@ -135,7 +146,8 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
         records[:, mb, 2:] = EXPERT_ID_INIT
         records[:, mb, 0] = 0
     log.debug("batched %d slots", n)
-    return FfnBatch(y, group_list, sess, mb_of, token, k, dynamic_scale, np.array([n], np.int64))
+    res.actual_token_num[0] = n
+    return res
 
 
 def _emitted_views(ctx: ScheduleContext, a: int, slots: int) -> dict[str, np.ndarray]:

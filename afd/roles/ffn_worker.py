@@ -121,6 +121,7 @@ def body(rt) -> None:
     ffn_hop = rt.samples("ffn_ns")
     device = DeviceTime(cfg)
     passes: dict[tuple[int, int], int] = {}  # (session, mb) -> last layer pass p = step * layers + layer seen
+    batch = None  # one set of batching outputs, reused: F2A has sent every row before the next round gathers
     while True:
         with rt.op("ffn_worker_scheduler_"):
             ffn_worker_scheduler_(ctx, sync_group_size, idle=rt.idle)
@@ -149,7 +150,7 @@ def body(rt) -> None:
         round_args = {"units": units}
         with rt.op("ffn_worker_batching", round_args):
             batch = ffn_worker_batching(ctx, expert_num, [A, BS, K1, H], token_dtype=mem.token_dtype_code,
-                                        need_schedule=0)
+                                        need_schedule=0, out=batch)
         n = int(batch.actual_token_num[0])
         out = batch.y[:n]  # the experts overwrite the batch they read (F2A sends it; nothing else reads y)
         with rt.op("experts", round_args, device.expert_ns(n)):

@@ -6,6 +6,7 @@ import pytest
 from afd.errors import AclnnError, KernelError
 from afd.layout import EXPERT_ID_INIT, EXPERT_ID_SENTINEL, FfnWindowLayout
 from afd.ops import Stopped, create_schedule_context_holder, ffn_worker_batching, ffn_worker_scheduler_
+from afd.ops.ffn_worker_batching import FfnBatch
 
 A, M, BS, K1, H, E = 2, 2, 3, 3, 64, 5
 N = BS * K1
@@ -221,3 +222,26 @@ def test_the_compiled_gather_equals_numpy_s_over_random_shapes(dev, monkeypatch,
             assert np.array_equal(getattr(fast, name).view(np.uint8), getattr(slow, name).view(np.uint8)), name
     finally:
         holder.close()
+
+
+
+def test_outputs_given_are_written_in_place_and_others_allocated(ffn):
+    """out=: each array of the op's shape and dtype is the one returned, its stale values gone (rows past n
+    zeroed); one of another dtype is replaced by a new array. The result equals a call without out."""
+    ctx, recs, data = ffn
+    fill_data(data, BF16)
+    dev, f = ctx.device, ctx.ffn
+    dev.view(f.session_ids_buf, 4, "<i4")[0] = 1
+    dev.view(f.micro_batch_ids_buf, 4, "<i4")[0] = 0
+    dev.view(f.expert_ids_buf, 4 * N, "<i4")[:] = [4, 0, 4, 1, EXPERT_ID_SENTINEL, 0, 4, 4, 0]
+    f.out_num = 1
+    want = ffn_worker_batching(ctx, E, [A, BS, K1, H], 1)
+    y_cap = want.y.shape[0]
+    given = FfnBatch(np.full_like(want.y, 7), np.full_like(want.group_list, 9),
+                     *(np.full(y_cap, 5, np.int32) for _ in range(4)), np.full(y_cap, 3.0, np.float32),
+                     np.zeros(1, np.int64))._replace(token_ids=np.zeros(y_cap, np.int64))  # wrong dtype: not used
+    got = ffn_worker_batching(ctx, E, [A, BS, K1, H], 1, out=given)
+    assert int(got.actual_token_num[0]) == 8
+    for name in FfnBatch._fields:
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+        assert (getattr(got, name) is getattr(given, name)) == (name != "token_ids"), name
