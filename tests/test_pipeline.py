@@ -218,3 +218,17 @@ def test_afd_stop_over_tcp_with_curve_keys(capsys, tmp_path):
     assert "afd stop" in result.reason
     assert result.outputs_match_reference is True and 0 < result.steps < 100000
     assert_nothing_left(namespace, pids, run_dir)
+
+
+@pytest.mark.timeout(120)
+def test_a_role_process_loads_its_kernels_without_importing_scipy_linalg():
+    """numba's BLAS probe imports scipy.linalg (0.35 s per process); a role process skips it and its kernels still
+    load and run."""
+    pytest.importorskip("scipy")
+    code = ("import sys, numpy as np; from afd.runtime.role import _no_numba_blas_probe; _no_numba_blas_probe(); "
+            "from afd.ops import _kernels as k; k.warm_up_copy_rows(); d = np.zeros((2, 8), np.uint8); "
+            "k.copy_rows(d, np.array([1]), np.full((1, 8), 7, np.uint8), np.array([0]), 8); "
+            "print('scipy.linalg' in sys.modules, int(d.sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "56"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 import time
 import traceback
@@ -519,12 +520,21 @@ def _reachable(endpoint: str, controller: str) -> str:
     return endpoint
 
 
+def _no_numba_blas_probe() -> None:
+    """numba probes for scipy's BLAS when it first loads a kernel, importing scipy.linalg (0.35 s of CPU per
+    process here, where scipy is installed though nothing needs it); no afd kernel calls BLAS and a role process
+    runs only afd's code, so it tells numba there is none. (Not in the fake NPU: that process is the user's.)"""
+    for name in ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack"):
+        sys.modules.setdefault(name, None)
+
+
 def run_role(rt: RoleRuntime, body, prepare=None) -> int:
     """Run a role body with the common lifecycle: (prepare(rt)), connect, body(rt), report; exit code 0 on success
     or stop."""
     code = 0
     try:
         if prepare is not None:
+            _no_numba_blas_probe()
             prepare(rt)
         rt.connect()
         body(rt)
