@@ -56,7 +56,9 @@ FFN_POLLING_INDEX_OFFSET = 416
 FFN_OUT_NUM_OFFSET = 576
 
 
-_V0, _V1, _V2, _V3 = RUN_FLAG_OFFSET, ATTENTION_MICRO_BATCH_ID_OFFSET, FFN_POLLING_INDEX_OFFSET, FFN_OUT_NUM_OFFSET
+# The fields the ops change as they run, (offset, width) in context order: what static_bytes leaves out.
+_VOLATILE = [(RUN_FLAG_OFFSET, 4), (ATTENTION_MICRO_BATCH_ID_OFFSET, 4), (FFN_POLLING_INDEX_OFFSET, 8),
+             (FFN_OUT_NUM_OFFSET, 4)]
 
 
 def field_offsets() -> dict[str, int]:
@@ -143,7 +145,8 @@ class ScheduleContext:
         """The context without the fields the ops change as they run (run_flag, attention.micro_batch_id,
         ffn.polling_index, ffn.out_num): what an op's checks and buffer views depend on."""
         b = self._raw.tobytes()
-        return b[:_V0] + b[_V0 + 4:_V1] + b[_V1 + 4:_V2] + b[_V2 + 8:_V3] + b[_V3 + 4:]
+        (v0, w0), (v1, w1), (v2, w2), (v3, w3) = _VOLATILE
+        return b[:v0] + b[v0 + w0:v1] + b[v1 + w1:v2] + b[v2 + w2:v3] + b[v3 + w3:]
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, device=None) -> "ScheduleContext":

@@ -43,6 +43,7 @@ def prepared(ctx: ScheduleContext, op: str, prepare: Callable[[ScheduleContext],
     hit = ctx.prepared.get((op, args))
     if hit is not None and hit[0] == state:
         return hit[1]
+    ctx.prepared.pop((op, args), None)  # (a stale entry's views would keep a freed mapping alive)
     value = prepare(ctx, *args)
     ctx.prepared[(op, args)] = (state, value)
     return value

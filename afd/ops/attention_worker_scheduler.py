@@ -16,13 +16,6 @@ _RUN_FLAG = RUN_FLAG_OFFSET // 4
 _MICRO_BATCH_ID = ATTENTION_MICRO_BATCH_ID_OFFSET // 4
 
 
-def check_attention_context(ctx: ScheduleContext) -> tuple[int, int, int]:
-    """The kernel's parameter checks; returns (M, BS, K+1)."""
-    m, bs, k1 = check_attention_static(ctx)
-    checked_micro_batch_id(ctx, m)
-    return m, bs, k1
-
-
 def checked_micro_batch_id(ctx: ScheduleContext, m: int) -> int:
     """attention.micro_batch_id, which must be < M (read per call: the ops change it)."""
     micro_batch_id = int(ctx.u32[_MICRO_BATCH_ID])
@@ -32,7 +25,8 @@ def checked_micro_batch_id(ctx: ScheduleContext, m: int) -> int:
 
 
 def check_attention_static(ctx: ScheduleContext) -> tuple[int, int, int]:
-    """check_attention_context without micro_batch_id (the field the ops change): the static fields only."""
+    """The kernel's parameter checks but micro_batch_id's (checked_micro_batch_id, per call: the ops change it): the
+    static fields only; returns (M, BS, K+1)."""
     common, attention = ctx.common, ctx.attention
     if common.schedule_mode != 1:
         raise KernelError("common.schedule_mode",

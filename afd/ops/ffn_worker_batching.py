@@ -70,7 +70,8 @@ def _outputs(out: FfnBatch | None, y_cap: int, h: int, dtype: np.dtype, expert_n
                     ((y_cap,), np.float32), ((1,), np.int64))
     given = out if out is not None else [None] * len(want)
     return FfnBatch(*(a if a is not None and a.shape == shape and a.dtype == dt and a.flags.c_contiguous
-                      and a.flags.writeable else np.empty(shape, dt) for a, (shape, dt) in zip(given, want)))
+                      and a.flags.aligned and a.flags.writeable  # (unaligned: another kernel type, a compile)
+                      else np.empty(shape, dt) for a, (shape, dt) in zip(given, want)))
 
 
 def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_dtype: int = 0,

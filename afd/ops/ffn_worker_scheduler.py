@@ -19,13 +19,6 @@ _OUT_NUM = FFN_OUT_NUM_OFFSET // 4
 _POLLING_INDEX = FFN_POLLING_INDEX_OFFSET // 8
 
 
-def check_ffn_context(ctx: ScheduleContext) -> tuple[int, int, int, int]:
-    """The kernel's context checks shared by the FFN-side ops; returns (A, M, BS, K+1)."""
-    a, m, bs, k1 = check_ffn_static(ctx)
-    check_polling_index(ctx, m)
-    return a, m, bs, k1
-
-
 def check_polling_index(ctx: ScheduleContext, m: int) -> None:
     """polling_index < M (the one check on a field the ops change: made per call, outside prepared)."""
     polling_index = int(ctx.u64[_POLLING_INDEX])
@@ -34,7 +27,8 @@ def check_polling_index(ctx: ScheduleContext, m: int) -> None:
 
 
 def check_ffn_static(ctx: ScheduleContext) -> tuple[int, int, int, int]:
-    """check_ffn_context without polling_index: what depends on the static fields only."""
+    """The kernel's context checks shared by the FFN-side ops, but polling_index's (check_polling_index): what depends
+    on the static fields only; returns (A, M, BS, K+1)."""
     common, ffn = ctx.common, ctx.ffn
     if common.schedule_mode != 0:
         raise KernelError("common.schedule_mode", f"The scheduler mode must be 'ffn' (0), got {common.schedule_mode}")

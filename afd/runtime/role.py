@@ -523,7 +523,8 @@ def _reachable(endpoint: str, controller: str) -> str:
 def _no_numba_blas_probe() -> None:
     """numba probes for scipy's BLAS when it first loads a kernel, importing scipy.linalg (0.35 s of CPU per
     process here, where scipy is installed though nothing needs it); no afd kernel calls BLAS and a role process
-    runs only afd's code, so it tells numba there is none. (Not in the fake NPU: that process is the user's.)"""
+    runs only afd's code, so it tells numba there is none. After it, scipy.linalg cannot be imported in this process
+    (its own modules import cython_blas): no afd code does. (Not in the fake NPU: that process is the user's.)"""
     for name in ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack"):
         sys.modules.setdefault(name, None)
 

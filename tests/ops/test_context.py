@@ -86,3 +86,21 @@ def test_args_are_part_of_the_key_and_a_device_without_generation_is_never_kept(
     assert [prepared(ctx, "op", lambda c, x: seen.append(x) or x, 5) for _ in range(2)] == [5, 5]
     assert seen == [3, 4, 5, 5]
     assert np.frombuffer(ctx.static_bytes(), np.uint8).size == 1024 - 4 - 4 - 8 - 4
+
+
+def test_static_bytes_leave_out_exactly_the_fields_the_ops_change():
+    from afd.layout import _VOLATILE, SCHEDULE_CONTEXT_DTYPE, ScheduleContext, field_offsets
+
+    names = ["control.run_flag", "attention.micro_batch_id", "ffn.polling_index", "ffn.out_num"]
+    widths = [SCHEDULE_CONTEXT_DTYPE[n.split(".")[0]].fields[n.split(".")[1]][0].itemsize for n in names]
+    assert _VOLATILE == [(field_offsets()[n], w) for n, w in zip(names, widths)]
+    ctx = ScheduleContext()
+    before = ctx.static_bytes()
+    ctx.control.run_flag, ctx.attention.micro_batch_id, ctx.ffn.polling_index, ctx.ffn.out_num = 1, 2, 3, 4
+    assert ctx.static_bytes() == before
+    for name in field_offsets():  # every other field is in them
+        if name not in names:
+            area, field = name.split(".")
+            setattr(getattr(ctx, area), field, 1 + int(getattr(getattr(ctx, area), field)))
+            assert ctx.static_bytes() != before, name
+            before = ctx.static_bytes()
