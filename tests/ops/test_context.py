@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from afd.errors import KERNEL_STATUS_OK, DeviceAddressError, KernelError
-from afd.layout import FfnWindowLayout
-from afd.ops import create_schedule_context_holder, ffn_worker_scheduler_
+from afd.ops import ffn_worker_scheduler_
 from afd.ops import ffn_worker_scheduler as scheduler_module
 from afd.ops._context import prepared
 
@@ -13,14 +12,8 @@ A, M, BS, K1 = 2, 2, 2, 3
 
 
 @pytest.fixture
-def ffn(dev):
-    layout = FfnWindowLayout(A, M, BS, K1, 512)
-    win = dev.malloc(layout.total_bytes)
-    holder = create_schedule_context_holder(0, A, M, BS, K1, 8, 512, 512, ffn_window=win.address,
-                                            ffn_window_size=layout.total_bytes, device=dev)
-    holder.init()
-    yield holder.get_schedule_context(), win.view("<i4", layout.records_shape), win
-    holder.close()
+def ffn(ffn_window):
+    return ffn_window(A, M, BS, K1)
 
 
 def _ready(recs, mb):

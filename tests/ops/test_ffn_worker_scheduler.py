@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from afd.errors import KERNEL_STATUS_OK, AclnnError, KernelError
-from afd.layout import EXPERT_ID_SENTINEL, FfnWindowLayout
-from afd.ops import create_schedule_context_holder, ffn_worker_scheduler_
+from afd.layout import EXPERT_ID_SENTINEL
+from afd.ops import ffn_worker_scheduler_
 
 A, M, BS, K1 = 4, 2, 2, 3
 N = BS * K1
@@ -15,16 +15,9 @@ N = BS * K1
 
 
 @pytest.fixture
-def ffn(dev):
-    layout = FfnWindowLayout(A, M, BS, K1, 512)
-    win = dev.malloc(layout.total_bytes)
-    holder = create_schedule_context_holder(0, A, M, BS, K1, 8, 512, 512, ffn_window=win.address,
-                                            ffn_window_size=layout.total_bytes, device=dev)
-    holder.init()
-    ctx = holder.get_schedule_context()
-    recs = win.view("<i4", layout.records_shape)
-    yield ctx, recs
-    holder.close()
+def ffn(ffn_window):
+    ctx, recs, _ = ffn_window(A, M, BS, K1)
+    return ctx, recs
 
 
 def out(ctx):
