@@ -28,7 +28,7 @@ def device_of(ctx: ScheduleContext):
     return ctx.device if ctx.device is not None else _device.current()
 
 
-def prepared(ctx: ScheduleContext, op: str, prepare: Callable[[ScheduleContext], T], *args) -> T:
+def prepared(ctx: ScheduleContext, op: str, prepare: Callable[..., T], *args) -> T:
     """prepare(ctx, *args): an op's context checks and buffer views, done again only when the context's static
     fields (ScheduleContext.static_bytes), args, the device or its mappings have changed since the last call.
 
