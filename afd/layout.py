@@ -137,7 +137,7 @@ class ScheduleContext:
         self.u64 = raw.view("<u8")
         self.device = device
         self.address = address
-        self.prepared: dict = {}  # (op, args) -> ((static_bytes, device, generation), what the op derived): ops/_context
+        self.prepared: dict = {}  # (op, args) -> ((static bytes, device, generation), result): ops/_context
         for area in AREAS:
             setattr(self, area, _Area(self._rec[area], area, self, SCHEDULE_CONTEXT_DTYPE.fields[area][1]))
 
