@@ -133,6 +133,29 @@ class _AllowOne:
 
 
 # -- run discovery: `afd stop` with no endpoint finds runs through these directories ----------------
+class LauncherWatch:
+    """Whether the launcher that started this process is gone: its pid no longer names the process it named at this
+    one's start (by start time, so a reused pid does not count). Roles are forked by the launcher's fork server
+    (afd.runtime.pipeline.role_context), which lives on while they do, so their parent says nothing about it."""
+
+    def __init__(self, launcher_pid: int | None):
+        self.pid = launcher_pid
+        self.started = None if launcher_pid is None else _start_time(launcher_pid)
+
+    def gone(self) -> bool:
+        return self.pid is not None and (self.started is None or _start_time(self.pid) != self.started)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 def runs_root() -> Path:
     return Path(os.environ.get("AFD_RUN_DIR") or os.path.join(tempfile.gettempdir(), "afd-runs"))
 

@@ -12,6 +12,11 @@ _lock = threading.Lock()
 _installed = False
 
 
+def run_all() -> None:
+    """Run the cleanups now (a process about to leave by os._exit, as a forked child does)."""
+    _run_all()
+
+
 def _run_all() -> None:
     with _lock:
         todo = list(_cleanups)

@@ -28,28 +28,27 @@ def pytest_configure(config):
 
 
 def _live_children() -> dict[int, str]:
-    """Child processes of this process that are still running (zombies already exited)."""
+    """Child processes of this process that are still running (zombies already exited), and those of its fork
+    server (the roles of a run are forked by it, afd.runtime.pipeline.role_context)."""
     me = os.getpid()
-    out = {}
+    procs = {}  # pid -> (ppid, state, name)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[-1].split()
-        if int(fields[1]) == me and fields[0] != "Z":
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "resource_tracker" in cmdline:  # multiprocess's one-per-parent helper, ends with the parent
-                continue
-            out[int(entry)] = cmdline[:120] or stat[stat.index("(") + 1:stat.rindex(")")]
-    return out
+        procs[int(entry)] = (int(fields[1]), fields[0], cmdline[:120] or stat[stat.index("(") + 1:stat.rindex(")")])
+    # multiprocess's one-per-parent helpers, which end with this process: not leaks themselves
+    helpers = {pid for pid, (ppid, _, name) in procs.items()
+               if ppid == me and ("resource_tracker" in name or "forkserver" in name)}
+    return {pid: name for pid, (ppid, state, name) in procs.items()
+            if state != "Z" and pid not in helpers and (ppid == me or ppid in helpers)}
 
 
 @pytest.fixture(autouse=True)

@@ -220,6 +220,59 @@ def test_afd_stop_over_tcp_with_curve_keys(capsys, tmp_path):
     assert_nothing_left(namespace, pids, run_dir)
 
 
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.timeout(120)
+def test_roles_are_forked_from_one_server_that_loaded_the_kernels():
+    """Every role of a run is a child of the same fork server, a child of the launcher, which imported the roles and
+    loaded numba's compiled kernels (llvmlite is mapped in it) before forking any of them."""
+    with Pipeline(ROOT / "configs" / "minimal.yaml") as p:
+        pids = [r["pid"] for r in p.roles.values()]
+        parents = {_parent_of(pid) for pid in pids}
+        assert len(parents) == 1, parents
+        server = parents.pop()
+        assert server != os.getpid() and _parent_of(server) == os.getpid()
+        with open(f"/proc/{server}/cmdline", "rb") as f:
+            assert b"afd.runtime.preload" in f.read()
+        with open(f"/proc/{server}/maps") as f:
+            assert "llvmlite" in f.read()
+        result = p.wait(60)
+    assert result.outcome == "completed" and result.outputs_match_reference is True
+
+
+@pytest.mark.timeout(120)
+def test_the_fork_server_loads_cached_kernels_and_never_compiles(tmp_path):
+    """With an empty numba cache the server's preload loads no kernel and compiles none (the roles compile their own,
+    in parallel): the cache directory stays empty."""
+    cache = tmp_path / "numba-cache"
+    code = ("import afd.runtime.preload as p, afd.ops._kernels as k; "
+            "print(p._load_cached_kernels(), len(k.warm_ups()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110,
+                         env=dict(os.environ, NUMBA_CACHE_DIR=str(cache)))
+    assert out.returncode == 0, out.stderr
+    loaded, total = map(int, out.stdout.split())
+    assert (loaded, total) == (0, 10)
+    assert not cache.exists() or not any(cache.rglob("*.nbi"))
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_role_sees_the_launchers_environment_of_its_run(tmp_path, monkeypatch):
+    """The fork server keeps the environment it started with; a role takes the launcher's as it is at the run's start
+    (here AFD_HEALTH_DIR, set after the server is up: every role writes its heartbeat file there)."""
+    from afd.runtime.pipeline import role_context
+    role_context()  # the server is up (started by this test or an earlier one) before the variable is set
+    health = tmp_path / "health"
+    monkeypatch.setenv("AFD_HEALTH_DIR", str(health))
+    with Pipeline(ROOT / "configs" / "minimal.yaml") as p:
+        roles = set(p.roles)
+        result = p.wait(60)
+    assert result.outcome == "completed"
+    assert roles <= {f.name for f in health.iterdir()}
+
+
 @pytest.mark.timeout(120)
 def test_a_role_process_loads_its_kernels_without_importing_scipy_linalg():
     """numba's BLAS probe imports scipy.linalg (0.35 s per process); a role process skips it and its kernels still

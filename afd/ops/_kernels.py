@@ -522,15 +522,17 @@ def f2a_slots(sessions, micro_batches, tokens, k_slots, rank_table, m, bs, k1, w
     return 0
 
 
+def warm_ups() -> list:
+    """Every kernel's warm-up for both token dtypes, one call each."""
+    from functools import partial
+
+    from .attention_worker_combine import warm_up as warm_up_combine
+    return [warm_up_copy_rows, warm_up_attention_to_ffn, warm_up_ffn_to_attention, warm_up_batching,
+            *(partial(w, half) for half in (False, True) for w in (warm_up_attention, warm_up_scale)),
+            *(partial(warm_up_combine, token_dtype) for token_dtype in (0, 1))]
+
+
 def warm_up_all() -> None:
     """Compile (once per machine) or load every kernel for both token dtypes: an image does this at build time."""
-    from .attention_worker_combine import warm_up as warm_up_combine
-    warm_up_copy_rows()
-    warm_up_attention_to_ffn()
-    warm_up_ffn_to_attention()
-    warm_up_batching()
-    for half in (False, True):
-        warm_up_attention(half)
-        warm_up_scale(half)
-    for token_dtype in (0, 1):
-        warm_up_combine(token_dtype)
+    for warm_up in warm_ups():
+        warm_up()

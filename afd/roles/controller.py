@@ -28,6 +28,7 @@ class Controller:
         self.agents = list(plan.get("agents", []))
         self.expected = [r for r in plan["roles"] if r != "controller"] + self.agents
         self.launcher_pid = launcher_pid
+        self.launcher = control.LauncherWatch(launcher_pid)
         self.zctx = zmq.Context()
         keys = plan.get("curve")
         self.auth = control.start_authenticator(self.zctx, keys)
@@ -245,7 +246,7 @@ class Controller:
                         break
                     (self.on_router if sock is self.router else self.on_pub)(frames)
             now = time.monotonic()
-            if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            if self.launcher.gone():
                 self.mem.stop_all()
                 self.broadcast("stop", {"reason": "launcher gone"})
                 self.orphaned()
@@ -303,7 +304,7 @@ class Controller:
             return
         end = time.monotonic() + seconds
         resend = time.monotonic() + 0.5
-        while time.monotonic() < end and os.getppid() == self.launcher_pid:
+        while time.monotonic() < end and not self.launcher.gone():
             if time.monotonic() > resend:  # a result lost on the way is sent again (the launcher keeps the first)
                 resend = time.monotonic() + 0.5
                 self.reply(b"launcher", "result", self.result_payload)

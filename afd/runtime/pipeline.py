@@ -26,18 +26,18 @@ from .memory import STATUS, RunMemory
 from .result import Result, build_result
 
 
-def _role_entry(role_id: str, config_json: str, plan: dict | None, endpoint: str, launcher_pid: int, run_dir: str,
-                curve_keys: dict | None = None, namespace: str | None = None) -> None:
-    """Spawned child: run one role, or a host's window agent (module-level so the spawn start method can import it).
+def _role_entry(launcher: dict, role_id: str, config_json: str, plan: dict | None, endpoint: str, launcher_pid: int,
+                run_dir: str, curve_keys: dict | None = None, namespace: str | None = None) -> None:
+    """Forked child: run one role, or a host's window agent (module-level so the start method can find it).
     Without a plan the role gets it from the controller's welcome (multi-host: once every agent reported)."""
     import importlib
-    import sys
 
     from ..config import AGENT_PREFIX
     from ..roles import ROLE_MODULES, split_role
     from .role import RoleRuntime, run_role
 
     _ignore_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP go to the launcher, which stops everyone through run_flag
+    _adopt(launcher)
     cfg = Config.model_validate_json(config_json)
     if cfg.strict:  # the ops' hardware limits follow the run's strict mode
         from ..ops import set_strict
@@ -46,23 +46,60 @@ def _role_entry(role_id: str, config_json: str, plan: dict | None, endpoint: str
     module = importlib.import_module(f"afd.roles.{kind}")
     rt = RoleRuntime(role_id, endpoint, cfg, plan, launcher_pid=launcher_pid, run_dir=run_dir, curve_keys=curve_keys)
     rt.namespace = namespace  # an agent allocates its host's memory there (so the launcher can sweep it)
-    sys.exit(run_role(rt, module.body, getattr(module, "prepare", None)))
+    _exit(run_role(rt, module.body, getattr(module, "prepare", None)))
 
 
-def _controller_entry(config_json: str, plan: dict, endpoint: str, pub_endpoint: str, launcher_pid: int) -> None:
-    import sys
-
+def _controller_entry(launcher: dict, config_json: str, plan: dict, endpoint: str, pub_endpoint: str,
+                      launcher_pid: int) -> None:
     from ..roles import controller
 
     _ignore_stop_signals()
-    sys.exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
+    _adopt(launcher)
+    _exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
+
+
+def _launcher_state() -> dict:
+    """What a role takes from its launcher: a forked role gets the fork server's environment and working directory,
+    which are the launcher's as they were when the server started (an earlier run's, in a long-lived process)."""
+    return {"environ": dict(os.environ), "cwd": os.getcwd()}
+
+
+def _adopt(launcher: dict) -> None:
+    import tempfile
+
+    os.environ.clear()
+    os.environ.update(launcher["environ"])
+    os.chdir(launcher["cwd"])
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+def _exit(code: int) -> None:
+    """End a forked role: its exit cleanups first (a forked child leaves with os._exit, which skips atexit)."""
+    import sys
+
+    from .. import exit_cleanup
+    exit_cleanup.run_all()
+    sys.exit(code)
+
+
+def role_context():
+    """The multiprocess context roles start from: a fork server that loaded the roles and kernels once
+    (afd.runtime.preload), started with the stop signals blocked, so it and every role it forks are born with them
+    blocked (blocked_stop_signals). It ends when this process does."""
+    from multiprocess import forkserver
+
+    ctx = multiprocess.get_context("forkserver")
+    ctx.set_forkserver_preload(["afd.runtime.preload"])
+    with blocked_stop_signals():
+        forkserver.ensure_running()
+    return ctx
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _ignore_stop_signals() -> None:
-    """In a spawned child: ignore them, then take them off the mask it was born with (blocked_stop_signals)."""
+    """In a role process: ignore them, then take them off the mask it was born with (blocked_stop_signals)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -195,16 +232,17 @@ class Pipeline:
         return self
 
     def _spawn_all(self, plan: dict, pub: str, role_args, first: list[str] = ()) -> None:
-        """Spawn the controller, then `first` (agents), then every role; role_args(role, cfg_json) -> its args."""
+        """Start the controller, then `first` (agents), then every role; role_args(role, cfg_json) -> its args."""
         cfg_json = self.cfg.model_dump_json()
-        spawn = multiprocess.get_context("spawn")
+        ctx = role_context()
+        launcher = _launcher_state()
         roles = ["controller"] + list(first) + [r for r in self.cfg.role_ids() if r != "controller"]
         for role in roles:
             if role == "controller":
-                target, args = _controller_entry, (cfg_json, plan, self.endpoint, pub, os.getpid())
+                target, args = _controller_entry, (launcher, cfg_json, plan, self.endpoint, pub, os.getpid())
             else:
-                target, args = _role_entry, role_args(role, cfg_json)
-            proc = spawn.Process(target=target, args=args, name=role, daemon=False)
+                target, args = _role_entry, (launcher, *role_args(role, cfg_json))
+            proc = ctx.Process(target=target, args=args, name=role, daemon=False)
             with blocked_stop_signals():
                 proc.start()
             self.processes[role] = proc

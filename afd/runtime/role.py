@@ -48,6 +48,7 @@ class RoleRuntime:
         self.cfg = config
         self.plan = plan
         self.launcher_pid = launcher_pid
+        self.launcher = control.LauncherWatch(launcher_pid)
         self.run_dir = run_dir
         self.curve_keys = curve_keys  # for roles that join from outside the launcher (afd role --keys)
         self.zctx: zmq.Context | None = None
@@ -346,7 +347,7 @@ class RoleRuntime:
                                  f"{time.monotonic() - self._last_controller:.1f}s")
 
     def _check_launcher(self) -> None:
-        if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+        if self.launcher.gone():
             raise ControllerLost(f"{self.role}: launcher (pid {self.launcher_pid}) is gone")
         if self.phase == "joining" and self._early_flags():
             raise Stopped(reason="run_flag=0 before this role joined")
