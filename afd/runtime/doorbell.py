@@ -5,39 +5,50 @@ ZeroMQ PUSH/PULL pair goes through libzmq's I/O threads (~80 us). Either way the
 the shared memory is the truth, and a lost ring costs at most one poll timeout.
 
 What runs between a wake-up and the op's return is the hop (afd bench): right after a blocked process wakes on
-this VM every call takes ~15x its warm time (a raised and caught exception ~40 us), so draining reads without
-raising and the poller is built once per bell.
+this VM every call takes ~15x its warm time (a raised and caught exception ~40 us, a read(2) ~5 us). So a wait
+drains the rings before it blocks, not after it wakes: rings already there end the wait at once (the op scans
+again: nothing is lost between its last scan and the block), and the ring that wakes it is drained by the next
+wait. Pollers are built once per bell; a FIFO bell waits in poll(2) itself (select.poll), ZeroMQ sockets beside it
+by their file descriptor.
 """
 from __future__ import annotations
 
 import errno
 import os
+import select
 
 import zmq
 
 from .. import control
 
 
-_PIPE_BYTES = 65536  # Linux's default pipe capacity: one read takes every pending ring
+_DRAIN_BYTES = 256  # rings read per read(2) (a 64 KiB buffer cost ~2 us more of allocation)
 
 
 class FifoDoorbell:
-    """The receiving end: a FIFO created 0600 in the run directory, opened non-blocking."""
+    """The receiving end: a FIFO created 0600 in the run directory, opened non-blocking, and for writing too (Linux
+    allows it): with a writer always there, poll(2) never reports the hang-up of the last ringer that closed, which
+    would make every later wait return at once."""
 
     def __init__(self, path: str):
         self.path = path
         os.mkfifo(path, 0o600)
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
         self.endpoint = f"fifo://{path}"
         self.pollable = self.fd
-        self.pollers: dict[tuple, zmq.Poller] = {}  # wait_ring's, by the sockets waited on beside the bell
+        self.pollers: dict[tuple, select.poll] = {}  # wait_ring's, by the sockets waited on beside the bell
 
-    def drain(self) -> None:
+    def drain(self) -> int:
+        """Read every pending ring; how many there were."""
+        n = 0
         try:
-            while len(os.read(self.fd, _PIPE_BYTES)) == _PIPE_BYTES:  # a short read emptied the pipe
-                pass
-        except BlockingIOError:  # drained while nothing was pending (not after a wake-up)
-            pass
+            while True:
+                got = len(os.read(self.fd, _DRAIN_BYTES))
+                n += got
+                if got < _DRAIN_BYTES:  # a short read emptied the pipe
+                    return n
+        except BlockingIOError:  # nothing (more) was pending
+            return n
 
     def close(self) -> None:
         os.close(self.fd)
@@ -56,30 +67,51 @@ class ZmqDoorbell:
         self.pollable = self.sock
         self.pollers: dict[tuple, zmq.Poller] = {}
 
-    def drain(self) -> None:
+    def drain(self) -> int:
+        """Receive every pending ring; how many there were."""
+        n = 0
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:  # EVENTS said a message was there; nothing lost if it was not
-                return
+                break
+            n += 1
+        return n
 
     def close(self) -> None:
         self.sock.close(linger=0)
 
 
 def wait_ring(bell, timeout_ms: int, also=()) -> bool:
-    """Block until the doorbell rings (then drain it) or one of `also` (sockets) is readable, at most timeout_ms."""
+    """Block until the doorbell rings or one of `also` (sockets) is readable, at most timeout_ms; True when it rang
+    (rings left by an earlier wake-up, drained first, count: the caller scans again before it waits again)."""
     also = tuple(also)
+    if bell.drain():
+        return True
+    if isinstance(bell, FifoDoorbell):
+        return _wait_fifo(bell, timeout_ms, also)
     poller = bell.pollers.get(also)
     if poller is None:
         poller = bell.pollers[also] = zmq.Poller()
         poller.register(bell.pollable, zmq.POLLIN)
         for sock in also:
             poller.register(sock, zmq.POLLIN)
-    for pollable, _ in poller.poll(timeout_ms):
-        if pollable == bell.pollable:
-            bell.drain()
-            return True
+    return any(pollable == bell.pollable for pollable, _ in poller.poll(timeout_ms))
+
+
+def _wait_fifo(bell: FifoDoorbell, timeout_ms: int, also: tuple) -> bool:
+    poller = bell.pollers.get(also)
+    if poller is None:
+        poller = bell.pollers[also] = select.poll()
+        poller.register(bell.fd, select.POLLIN)
+        for sock in also:
+            poller.register(sock.getsockopt(zmq.FD), select.POLLIN)
+    for sock in also:  # a socket's FD only signals changes: a message already queued must not be slept past
+        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return False
+    for fd, _ in poller.poll(timeout_ms):
+        if fd == bell.fd:
+            return True  # (its ring is drained by the next wait)
     return False
 
 
