@@ -38,6 +38,13 @@ CLI = [["nosuchcommand"], ["run", "--steps", "abc"], ["run", "--set", "novalue"]
        ["check", "--set", "hang_timeout_s=.inf"]]
 
 
+@pytest.fixture(autouse=True)
+def own_runs_root(tmp_path, monkeypatch):
+    """This test's own runs root: "started nothing" is checked there, where no other process (a fake-NPU job of an
+    earlier test tidying its registry, another run on the machine) adds or removes entries meanwhile."""
+    monkeypatch.setenv("AFD_RUN_DIR", str(tmp_path / "runs"))
+
+
 def _run_in_process(argv, capsys):
     before_ns = set(device.created_namespaces)
     before_runs = {p.name for p in control.runs_root().glob("*")} if control.runs_root().exists() else set()
