@@ -90,8 +90,9 @@ def tables(r: dict) -> list[Table]:
             ("scheduler_scan", f"{ops['scan']['per_iteration_us']:.2f} us/iteration"),
             ("combine_vs_read", f"{ops['combine']['ratio']:.2f}x ({ops['combine']['combine_ms']:.3f} ms vs "
                                 f"{ops['combine']['read_only_ms']:.3f} ms)" if "ratio" in ops["combine"] else "-"),
-            ("tracing_overhead", f"{r['tracing_overhead']:.1%} (on {r['tracing']['rate_on']:.1f} vs off "
-                                 f"{r['tracing']['rate_off']:.1f} micro-batch layers/s)"),
+            ("tracing_overhead", f"{r['tracing_overhead']:.1%} (median of {r['tracing']['runs'] // 2} on/off pairs; "
+                                 f"best on {r['tracing']['rate_on']:.1f} vs off {r['tracing']['rate_off']:.1f} "
+                                 "micro-batch layers/s)"),
             ("torch_combine_vs_numpy", _npu_combine(r.get("npu") or {}))]
     for name, measured in rows:
         tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
