@@ -41,6 +41,9 @@ def test_quick_scaling_runs_real_pipelines(recorded_namespaces):
         assert 20 < usage["peak_mb"] < 2000, (role, usage)
         assert usage["rss_mb"] <= usage["peak_mb"] + 0.01, (role, usage)
         assert usage["anon_mb"] + usage["file_mb"] + usage["shmem_mb"] == pytest.approx(usage["rss_mb"], abs=0.05)
+        assert 0 < usage["private_mb"] <= usage["pss_mb"] <= usage["rss_mb"] + 0.01, (role, usage)
+    # forked from one server, the data roles share most of their pages: each one's PSS is well under its RSS
+    assert all(per_role[r]["pss_mb"] < 0.8 * per_role[r]["rss_mb"] for r in ("attn0", "combine0", "ffn0")), per_role
     # the FFN rank touches its window, whose token slots alone are BS*(K+1)*H*2 bytes
     slots_mb = SHAPE["micro_batch_size"] * (SHAPE["top_k"] + 1) * SHAPE["hidden_size"] * 2 / 1e6
     assert per_role["ffn0"]["shmem_mb"] > slots_mb, per_role["ffn0"]
@@ -55,4 +58,5 @@ def test_copy_bound_shape():
 def test_rss_usage_of_this_process():
     usage = rss.usage()
     assert 20 < usage["peak_mb"] and usage["rss_mb"] <= usage["peak_mb"] + 0.01
-    assert {"anon_mb", "file_mb", "shmem_mb"} <= set(usage)
+    assert {"anon_mb", "file_mb", "shmem_mb", "private_mb", "pss_mb"} <= set(usage)
+    assert 0 < usage["private_mb"] <= usage["pss_mb"] <= usage["rss_mb"] + 0.01

@@ -169,18 +169,20 @@ def rss_table(scaling: dict) -> Table:
     table = Table(title=f"RSS per role: H={shape['hidden_size']} BS={shape['micro_batch_size']}, "
                         f"{shape['steps']} steps (MB)")
     table.caption = ("peak: the process's high-water RSS (VmHWM); at the end, before the windows are unmapped: "
-                     "anon (private), file (mapped files, mostly libraries: shared with other processes through "
-                     "the page cache), shmem (the shared windows this process touched)")
+                     "anon, file (mapped files, mostly libraries), shmem (the shared windows this process touched); "
+                     "private: pages only this process maps; pss: each page split among the processes mapping it "
+                     "(roles share the fork server's pages)")
     table.add_column("process")
-    for col in ("peak", "at end", "anon", "file", "shmem"):
+    for col in ("peak", "at end", "anon", "file", "shmem", "private", "pss"):
         table.add_column(col, justify="right")
     rss = scaling["rss_per_role"]
     for role in scaling.get("rss_roles") or list(rss):
         u = rss.get(role)
         if not u:
-            table.add_row(role, "[red]no report[/red]", "", "", "", "")
+            table.add_row(role, "[red]no report[/red]", "", "", "", "", "", "")
             continue
-        table.add_row(role, *(_f(u.get(k)) for k in ("peak_mb", "rss_mb", "anon_mb", "file_mb", "shmem_mb")))
+        table.add_row(role, *(_f(u.get(k)) for k in ("peak_mb", "rss_mb", "anon_mb", "file_mb", "shmem_mb",
+                                                     "private_mb", "pss_mb")))
     return table
 
 
