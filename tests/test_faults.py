@@ -103,9 +103,13 @@ def test_stop_ends_every_process_within_2s_and_scheduler_keeps_flags():
 
 
 @pytest.mark.timeout(60)
-def test_launcher_sigkill_leaves_no_role_and_no_segment(tmp_path):
+def test_launcher_sigkill_leaves_no_role_and_no_segment(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("AFD_RUN_DIR", str(tmp_path / "runs"))  # where this test looks for the run
     proc = subprocess.Popen([sys.executable, "-m", "afd", "run", "--quiet", "--steps", "100000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TMPDIR=str(tmp)))
     deadline = time.monotonic() + 30
     info = None
     while time.monotonic() < deadline and info is None:
@@ -124,6 +128,10 @@ def test_launcher_sigkill_leaves_no_role_and_no_segment(tmp_path):
         time.sleep(0.05)
     assert [p for p in pids if _alive(p)] == []
     assert device.list_segments(info["namespace"]) == []
+    # nor the launcher's multiprocess temp directory with the fork server's socket (its normal exit removes it)
+    while time.monotonic() - t0 < 5 and list(tmp.glob("pymp-*")):
+        time.sleep(0.05)
+    assert list(tmp.glob("pymp-*")) == []
     assert time.monotonic() - t0 < 5
 
 
@@ -133,6 +141,17 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("spec", ["stop:controller@step=1,layer=0", "kill:controller@step=1,layer=0"])
+def test_a_controller_fault_fires_even_when_the_run_ends_before_the_controller_looks(spec):
+    """A 3-step run takes ~50 ms, and the controller samples progress every ~20 ms: the run can pass the fault's
+    point and end between two looks. The fault still fires (the campaign once found such a run "completed")."""
+    cfg = load({"name": "t-controller-fault", "steps": 3})
+    runs = [run_one(cfg, parse(spec, cfg.role_ids())) for _ in range(4)]
+    assert all(r.as_documented for r in runs), [(r.outcome, r.exit_code, r.reason) for r in runs]
+    assert sum(r.leftover_processes + r.leftover_segments for r in runs) == 0
 
 
 @pytest.mark.timeout(600)

@@ -270,11 +270,15 @@ class Controller:
                                     {"role": ",".join(missing), "kind": "join"})
             elif self.phase == "running":
                 combines = {f"combine{s}" for s in range(self.cfg.sessions)}
-                if combines <= self.done:
+                # its own faults first: a point the run passed since the last look fires even if the run ended
+                # meanwhile (this loop looks every ~20 ms; a short run can pass its point and end in between)
+                self.check_own_faults(now)
+                if self.phase != "running":
+                    pass
+                elif combines <= self.done:
                     self.begin_stop("completed", "all steps completed")
                 else:
                     self.check_liveness(now)
-                    self.check_own_faults(now)
                     if now - self.started_at > self.cfg.run_timeout_s:
                         self.begin_stop("failed", f"run exceeded run_timeout_s={self.cfg.run_timeout_s}",
                                         {"role": "controller", "kind": "timeout"})
