@@ -143,7 +143,13 @@ class LauncherWatch:
         self.started = None if launcher_pid is None else _start_time(launcher_pid)
 
     def gone(self) -> bool:
-        return self.pid is not None and (self.started is None or _start_time(self.pid) != self.started)
+        if self.pid is None or self.started is _UNKNOWN:
+            return False
+        now = _start_time(self.pid)
+        return self.started is None or (now is not _UNKNOWN and now != self.started)
+
+
+_UNKNOWN = -1  # a /proc read that failed for another reason than the process being gone
 
 
 def _start_time(pid: int) -> int | None:
@@ -151,8 +157,10 @@ def _start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return None
+    except (OSError, IndexError, ValueError):  # unreadable now (EMFILE, ...): that is no proof it is gone
+        return _UNKNOWN
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 

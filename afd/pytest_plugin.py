@@ -31,24 +31,31 @@ def _live_children() -> dict[int, str]:
     """Child processes of this process that are still running (zombies already exited), and those of its fork
     server (the roles of a run are forked by it, afd.runtime.pipeline.role_context)."""
     me = os.getpid()
-    procs = {}  # pid -> (ppid, state, name)
+    parents = {}  # pid -> (ppid, state, comm) of every process
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[-1].split()
+            parents[int(entry)] = (int(fields[1]), fields[0], stat[stat.index("(") + 1:stat.rindex(")")])
+
+    def cmdline(pid: int) -> str:  # read only for the candidates (a process stuck in D state can block the read)
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        procs[int(entry)] = (int(fields[1]), fields[0], cmdline[:120] or stat[stat.index("(") + 1:stat.rindex(")")])
+            return ""
+    mine = {pid: cmdline(pid) for pid, (ppid, state, _) in parents.items() if ppid == me and state != "Z"}
     # multiprocess's one-per-parent helpers, which end with this process: not leaks themselves
-    helpers = {pid for pid, (ppid, _, name) in procs.items()
-               if ppid == me and ("resource_tracker" in name or "forkserver" in name)}
-    return {pid: name for pid, (ppid, state, name) in procs.items()
-            if state != "Z" and pid not in helpers and (ppid == me or ppid in helpers)}
+    helpers = {pid for pid, line in mine.items() if "resource_tracker" in line or "forkserver" in line}
+    out = {pid: line[:120] or parents[pid][2] for pid, line in mine.items() if pid not in helpers}
+    for pid, (ppid, state, comm) in parents.items():
+        if ppid in helpers and state != "Z":
+            out[pid] = cmdline(pid)[:120] or comm
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import time
 
 import zmq
 
@@ -106,13 +107,19 @@ def _wait_fifo(bell: FifoDoorbell, timeout_ms: int, also: tuple) -> bool:
         poller.register(bell.fd, select.POLLIN)
         for sock in also:
             poller.register(sock.getsockopt(zmq.FD), select.POLLIN)
-    for sock in also:  # a socket's FD only signals changes: a message already queued must not be slept past
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+    deadline = time.monotonic() + timeout_ms / 1000.0
+    while True:
+        for sock in also:  # a socket's FD only signals changes: a message already queued must not be slept past
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return False
+        left_ms = (deadline - time.monotonic()) * 1000.0
+        events = poller.poll(max(0, int(left_ms + 0.999))) if left_ms > 0 else []
+        if not events:
             return False
-    for fd, _ in poller.poll(timeout_ms):
-        if fd == bell.fd:
+        if any(fd == bell.fd for fd, _ in events):
             return True  # (its ring is drained by the next wait)
-    return False
+        # only a socket's FD fired, which it also does for changes that are no message (a peer attaching): its
+        # EVENTS, read above, say whether a message came; if not, wait on for what is left of the timeout
 
 
 def bind(zctx: zmq.Context, endpoint: str):

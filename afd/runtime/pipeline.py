@@ -30,14 +30,20 @@ def _role_entry(launcher: dict, role_id: str, config_json: str, plan: dict | Non
                 run_dir: str, curve_keys: dict | None = None, namespace: str | None = None) -> None:
     """Forked child: run one role, or a host's window agent (module-level so the start method can find it).
     Without a plan the role gets it from the controller's welcome (multi-host: once every agent reported)."""
+    _ignore_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP go to the launcher, which stops everyone through run_flag
+    with _exit_cleanups():
+        _adopt(launcher)
+        _run_role_entry(role_id, config_json, plan, endpoint, launcher_pid, run_dir, curve_keys, namespace)
+
+
+def _run_role_entry(role_id, config_json, plan, endpoint, launcher_pid, run_dir, curve_keys, namespace) -> None:
     import importlib
+    import sys
 
     from ..config import AGENT_PREFIX
     from ..roles import ROLE_MODULES, split_role
     from .role import RoleRuntime, run_role
 
-    _ignore_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP go to the launcher, which stops everyone through run_flag
-    _adopt(launcher)
     cfg = Config.model_validate_json(config_json)
     if cfg.strict:  # the ops' hardware limits follow the run's strict mode
         from ..ops import set_strict
@@ -46,16 +52,19 @@ def _role_entry(launcher: dict, role_id: str, config_json: str, plan: dict | Non
     module = importlib.import_module(f"afd.roles.{kind}")
     rt = RoleRuntime(role_id, endpoint, cfg, plan, launcher_pid=launcher_pid, run_dir=run_dir, curve_keys=curve_keys)
     rt.namespace = namespace  # an agent allocates its host's memory there (so the launcher can sweep it)
-    _exit(run_role(rt, module.body, getattr(module, "prepare", None)))
+    sys.exit(run_role(rt, module.body, getattr(module, "prepare", None)))
 
 
 def _controller_entry(launcher: dict, config_json: str, plan: dict, endpoint: str, pub_endpoint: str,
                       launcher_pid: int) -> None:
+    import sys
+
     from ..roles import controller
 
     _ignore_stop_signals()
-    _adopt(launcher)
-    _exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
+    with _exit_cleanups():
+        _adopt(launcher)
+        sys.exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
 
 
 def _launcher_state() -> dict:
@@ -73,13 +82,16 @@ def _adopt(launcher: dict) -> None:
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
-def _exit(code: int) -> None:
-    """End a forked role: its exit cleanups first (a forked child leaves with os._exit, which skips atexit)."""
-    import sys
+class _exit_cleanups:
+    """Around a forked entry: its exit cleanups run however it ends (the fork server's child leaves with os._exit,
+    which skips atexit)."""
 
-    from .. import exit_cleanup
-    exit_cleanup.run_all()
-    sys.exit(code)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from .. import exit_cleanup
+        exit_cleanup.run_all()
 
 
 def role_context():
@@ -132,15 +144,20 @@ class Signalled(Exception):
 # The reaper: a tiny process holding the read end of a pipe from the launcher. When the pipe closes (the
 # launcher finished, or was SIGKILLed and the kernel closed it), it removes the run's segments and run
 # directory, so nothing outlives a launcher that died after its roles were gone.
+# The reaper: when its stdin ends, it removes the run's segments and run directory. A launcher that closes normally
+# says so first; one that died (SIGKILL) says nothing, and then its multiprocess temp directory (which holds the fork
+# server's socket, and which only the launcher's normal exit removes) goes too.
 _REAPER = """
 import glob, os, shutil, sys
-sys.stdin.buffer.read()
+said = sys.stdin.buffer.read()
 for path in glob.glob(os.path.join(sys.argv[1], "afd-" + sys.argv[2] + "-*")):
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 shutil.rmtree(sys.argv[3], ignore_errors=True)
+if not said:
+    shutil.rmtree(sys.argv[4], ignore_errors=True)
 """
 
 
@@ -212,9 +229,10 @@ class Pipeline:
             self.run_dir = control.make_run_dir(namespace)
             import subprocess
             from ..device import SHM_DIR
+            from multiprocess import util as mp_util
             with blocked_stop_signals():  # (the reaper keeps them blocked: only its pipe's end ends it)
                 self._reaper = subprocess.Popen([sys.executable, "-S", "-c", _REAPER, SHM_DIR, namespace,
-                                                 str(self.run_dir)], stdin=subprocess.PIPE,
+                                                 str(self.run_dir), mp_util.get_temp_dir()], stdin=subprocess.PIPE,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             endpoint, pub = self._endpoints()
             self.endpoint = endpoint
@@ -497,6 +515,10 @@ class Pipeline:
         self._restore_signals()
         reaper = getattr(self, "_reaper", None)
         if reaper is not None:
+            try:
+                reaper.stdin.write(b"closed")  # a normal end: the multiprocess temp directory stays (other runs)
+            except OSError:
+                pass
             reaper.stdin.close()  # everything is already removed; the reaper checks once more and exits
             try:
                 reaper.wait(5)

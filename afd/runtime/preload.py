@@ -6,6 +6,7 @@ in place. Imported only by the fork server (multiprocess's forkserver preload), 
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 
@@ -52,3 +53,7 @@ try:
 except Exception:  # noqa: BLE001 - the roles' prepare() loads what they need; the server must start regardless
     logging.getLogger("afd.runtime.preload").warning("loading the cached kernels in the fork server failed",
                                                      exc_info=True)
+
+# What is loaded now stays out of the collector's reach: a role's full collection would otherwise write the GC
+# header of every inherited object, and each page it writes stops being shared with the server and the other roles.
+gc.freeze()
