@@ -16,7 +16,7 @@ import numpy as np
 import zmq
 
 from .. import config as config_mod
-from .. import control
+from .. import control, exit_cleanup
 from .. import faults as faults_mod
 from .. import preflight
 from ..config import Config
@@ -31,9 +31,11 @@ def _role_entry(launcher: dict, role_id: str, config_json: str, plan: dict | Non
     """Forked child: run one role, or a host's window agent (module-level so the start method can find it).
     Without a plan the role gets it from the controller's welcome (multi-host: once every agent reported)."""
     _ignore_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP go to the launcher, which stops everyone through run_flag
-    with _exit_cleanups():
+    try:
         _adopt(launcher)
         _run_role_entry(role_id, config_json, plan, endpoint, launcher_pid, run_dir, curve_keys, namespace)
+    finally:
+        exit_cleanup.run_all()  # (a fork server's child leaves with os._exit, which skips atexit)
 
 
 def _run_role_entry(role_id, config_json, plan, endpoint, launcher_pid, run_dir, curve_keys, namespace) -> None:
@@ -62,9 +64,11 @@ def _controller_entry(launcher: dict, config_json: str, plan: dict, endpoint: st
     from ..roles import controller
 
     _ignore_stop_signals()
-    with _exit_cleanups():
+    try:
         _adopt(launcher)
         sys.exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
+    finally:
+        exit_cleanup.run_all()
 
 
 def _launcher_state() -> dict:
@@ -80,18 +84,6 @@ def _adopt(launcher: dict) -> None:
     os.environ.update(launcher["environ"])
     os.chdir(launcher["cwd"])
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
-
-
-class _exit_cleanups:
-    """Around a forked entry: its exit cleanups run however it ends (the fork server's child leaves with os._exit,
-    which skips atexit)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from .. import exit_cleanup
-        exit_cleanup.run_all()
 
 
 def role_context():
@@ -143,10 +135,9 @@ class Signalled(Exception):
 
 # The reaper: a tiny process holding the read end of a pipe from the launcher. When the pipe closes (the
 # launcher finished, or was SIGKILLed and the kernel closed it), it removes the run's segments and run
-# directory, so nothing outlives a launcher that died after its roles were gone.
-# The reaper: when its stdin ends, it removes the run's segments and run directory. A launcher that closes normally
-# says so first; one that died (SIGKILL) says nothing, and then its multiprocess temp directory (which holds the fork
-# server's socket, and which only the launcher's normal exit removes) goes too.
+# directory, so nothing outlives a launcher that died after its roles were gone. A launcher that closes normally
+# says so first; one that died says nothing, and then its multiprocess temp directory (the fork server's socket,
+# which only the launcher's normal exit removes) goes too.
 _REAPER = """
 import glob, os, shutil, sys
 said = sys.stdin.buffer.read()
