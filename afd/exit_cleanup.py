@@ -13,11 +13,7 @@ _installed = False
 
 
 def run_all() -> None:
-    """Run the cleanups now (a process about to leave by os._exit, as a forked child does)."""
-    _run_all()
-
-
-def _run_all() -> None:
+    """Run the cleanups now, once: at exit, on a signal, or before a process leaves by os._exit (a forked child)."""
     with _lock:
         todo = list(_cleanups)
         _cleanups.clear()
@@ -29,7 +25,7 @@ def _run_all() -> None:
 
 
 def _on_signal(signum, frame) -> None:
-    _run_all()
+    run_all()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -42,7 +38,7 @@ def register(fn) -> None:
         if _installed:
             return
         _installed = True
-    atexit.register(_run_all)
+    atexit.register(run_all)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(sig) is signal.SIG_DFL:  # never over someone's own handler

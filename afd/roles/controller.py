@@ -273,15 +273,14 @@ class Controller:
                 # its own faults first: a point the run passed since the last look fires even if the run ended
                 # meanwhile (this loop looks every ~20 ms; a short run can pass its point and end in between)
                 self.check_own_faults(now)
-                if self.phase != "running":
-                    pass
-                elif combines <= self.done:
-                    self.begin_stop("completed", "all steps completed")
-                else:
-                    self.check_liveness(now)
-                    if now - self.started_at > self.cfg.run_timeout_s:
-                        self.begin_stop("failed", f"run exceeded run_timeout_s={self.cfg.run_timeout_s}",
-                                        {"role": "controller", "kind": "timeout"})
+                if self.phase == "running":
+                    if combines <= self.done:
+                        self.begin_stop("completed", "all steps completed")
+                    else:
+                        self.check_liveness(now)
+                        if now - self.started_at > self.cfg.run_timeout_s:
+                            self.begin_stop("failed", f"run exceeded run_timeout_s={self.cfg.run_timeout_s}",
+                                            {"role": "controller", "kind": "timeout"})
             if self.phase != "joining" and now >= next_progress:
                 next_progress = now + 0.2
                 done, total = self.progress()
