@@ -288,8 +288,8 @@ def mx_dequantize(payload: np.ndarray, scales: np.ndarray, element_dtype, h: int
     values = mx_elements(payload, element_dtype, h)
     nb = -(-int(h) // MX_BLOCK)
     factor = np.repeat(decode_e8m0(np.asarray(scales)[:, :nb]), MX_BLOCK, axis=1)[:, :h]
-    with np.errstate(invalid="ignore", under="ignore"):
-        return values * factor
+    with np.errstate(invalid="ignore", under="ignore", over="ignore"):
+        return values * factor  # e5m2's top values times 2^127 overflow to inf, as an fp32 multiply does
 
 
 def encode_rows(rows: np.ndarray, quant_mode: int, generation: str = "A3", smooth=None) -> np.ndarray:
