@@ -88,12 +88,7 @@ def check_ffn_to_attention_host(x, ids: dict, actual_token_num, group, world_siz
     if h > hs:  # a row wider than its slot would overwrite the next slot
         raise KernelError("x", f"H={h} must be <= HS=token_data_shape[3]={hs}")
     if _limits.strict():
-        if not 1024 <= h <= 8192:
-            raise KernelError("x", f"H={h} must be in [1024, 8192] (strict A3 limit)")
-        if not 1024 <= hs <= 8192 + 128:
-            raise KernelError("token_data_shape", f"HS={hs} must be in [1024, 8320] (strict A3 limit)")
-        if not 1 <= bs <= 512:
-            raise KernelError("token_data_shape", f"BS={bs} must be in [1, 512] (strict A3 limit)")
+        _check_strict_ranges(h, hs, bs, "A3")
         if not 1 <= k1 - 1 <= 16:
             raise KernelError("token_data_shape", f"K={k1 - 1} (K+1={k1}, one shared expert) must be in (0, 16] "
                                                   "(strict A3 limit)")
@@ -107,18 +102,27 @@ def check_ffn_to_attention_host(x, ids: dict, actual_token_num, group, world_siz
     return y_cap, m, bs, k1, hs
 
 
+def _check_strict_ranges(h: int, hs: int, bs: int, generation: str) -> None:
+    """The H, HS and BS ranges both generations' tilings enforce (afd-sim: in strict mode only), in each
+    generation's wording and order (V2's base tiling checks BS and HS, then x: "actual ..., expected ...")."""
+    checks = ((not 1024 <= h <= 8192, "x", "H", h, "[1024, 8192]"),
+              (not 1024 <= hs <= 8192 + 128, "token_data_shape", "HS", hs, "[1024, 8320]"),
+              (not 1 <= bs <= 512, "token_data_shape", "BS", bs, "[1, 512]"))
+    for bad, field, name, value, expected in checks if generation == "A3" else checks[::-1]:
+        if bad and generation == "A3":
+            raise KernelError(field, f"{name}={value} must be in {expected} (strict A3 limit)")
+        if bad:
+            raise KernelError(field, f"actual {'dim1' if name == 'H' else name}={value}, expected {expected} "
+                                     "(strict limit)")
+
+
 def _check_tiling_950(attn_rank_table, world_size: int, h: int, bs: int, k1: int, hs: int) -> None:
     """FFNToAttentionV2's own tiling rules (ffn_to_attention_v2_tilling.cpp and the base tiling's multi-micro-batch
     branch), past the checks both generations share."""
     if not 1 <= k1 <= EXPERT_NUM_PER_TOKEN_MAX:
         raise KernelError("token_info_table_shape", f"actual dim2={k1}, expected [1, {EXPERT_NUM_PER_TOKEN_MAX}]")
     if _limits.strict():
-        if not 1 <= bs <= 512:
-            raise KernelError("token_data_shape", f"actual BS={bs}, expected [1, 512] (strict limit)")
-        if not 1024 <= hs <= 8192 + 128:
-            raise KernelError("token_data_shape", f"actual HS={hs}, expected [1024, 8320] (strict limit)")
-        if not 1024 <= h <= 8192:
-            raise KernelError("x", f"actual dim1={h}, expected [1024, 8192] (strict limit)")
+        _check_strict_ranges(h, hs, bs, "950")
     if attn_rank_table is not None:
         if attn_rank_table.ndim != 1:
             raise KernelError("attn_rank_table", f"actual {attn_rank_table.ndim}D, expected 1D")
