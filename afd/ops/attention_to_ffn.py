@@ -538,8 +538,8 @@ def _payload(x_rows: np.ndarray, tok: np.ndarray, routed: np.ndarray, moe_expert
     """The slot rows (afd.tokens.encode_rows) and whether they are per token (index them by tok) or per (token, k)
     slot: per slot when smooth scales (per destination expert) are given, else one row per token shared by its
     K+1 slots (the same bytes the kernel computes per slot)."""
-    if quant_mode == 0:
-        return x_rows, True  # the x rows themselves: each copied once, straight from x
+    if quant_mode == 0 or tok.size == 0:
+        return x_rows, True  # the x rows themselves: each copied once, straight from x (or no slot at all)
     if scales is None:
         return tokens.encode_rows(x_rows, quant_mode, generation), True
     experts = np.empty((routed.shape[0], routed.shape[1] + shared), np.int64)

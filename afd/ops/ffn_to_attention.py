@@ -127,7 +127,9 @@ def _check_tiling_950(attn_rank_table, world_size: int, h: int, bs: int, k1: int
         if attn_rank_table.ndim != 1:
             raise KernelError("attn_rank_table", f"actual {attn_rank_table.ndim}D, expected 1D")
         a = attn_rank_table.shape[0]
-        if not 1 <= a < world_size:
+        if a > world_size - 1:  # (the base tiling's rule, before V2's own)
+            raise KernelError("attn_rank_table", f"actual dim0={a}, expected dim0 <= {world_size - 1}")
+        if a < 1:
             raise KernelError("attn_rank_table", f"actual {a}, reason: dim0 in [1, worldSize={world_size}) matching "
                                                  "attention_to_ffn_v2's attentionWorkerNum")
     if h > hs:

@@ -162,10 +162,12 @@ def test_no_mask_clears_every_own_flag_of_the_micro_batch_and_sets_none(group):
     assert (own[1] == 0).all() and (own[0] == 1).all()
 
 
-def test_all_masked_sends_nothing_but_headers_and_presets_own_flags(group):
+@pytest.mark.parametrize("quant_mode", [0, 2, 5])
+def test_all_masked_sends_nothing_but_headers_and_presets_own_flags(group, quant_mode):
     before = images(group)
-    sent = send(group, make_x(), 0, 0, 0, active_mask=np.zeros((1, BS), bool), sync_flag=0)
-    want, targets, got = reference(before, make_x(), 0, 0, 0, EXPERTS, TABLE, 3, mask=np.zeros(BS, bool))
+    sent = send(group, make_x(), 0, 0, 0, active_mask=np.zeros((1, BS), bool), sync_flag=0, quant_mode=quant_mode)
+    want, targets, got = reference(before, make_x(), 0, 0, 0, EXPERTS, TABLE, 3, quant_mode=quant_mode,
+                                   mask=np.zeros(BS, bool))
     assert_images(group, want)
     assert got == set() and sent["headers"] == [0, 1, 2] and sent["routes"].shape == (0, K1)
     sent = send(group, make_x(), 1, 0, 0, active_mask=np.zeros((1, BS), bool), sync_flag=1)

@@ -126,9 +126,9 @@ def test_an_unused_table_entry_out_of_range_is_not_read(dev):
     (dict(sessions=[4, 0]), "session_ids", "attention rank is out of range"),
     (dict(mbs=[3, 0]), "token_ids", "tokenSlot out of range, tokenSlot=36, tokenSlotNum=36"),
     (dict(offs=[-1, 0]), "token_ids", "tokenSlot out of range, tokenSlot=4294967295, tokenSlotNum=36"),
-    (dict(table=[0, 1, 2, 3]), "attn_rank_table",
-     r"actual 4, reason: dim0 in \[1, worldSize=4\) matching attention_to_ffn_v2's attentionWorkerNum"),
-    (dict(table=np.zeros(0, np.int32)), "attn_rank_table", r"actual 0, reason: dim0 in \[1, worldSize=4\)"),
+    (dict(table=[0, 1, 2, 3]), "attn_rank_table", "actual dim0=4, expected dim0 <= 3"),
+    (dict(table=np.zeros(0, np.int32)), "attn_rank_table",
+     r"actual 0, reason: dim0 in \[1, worldSize=4\) matching attention_to_ffn_v2's attentionWorkerNum"),
     (dict(data=(M, BS, K1, 32)), "token_data_shape", "token_data_shape HS must be greater than or equal to x H"),
     (dict(info=(1, 2, 257), data=(1, 2, 257, HS)), "token_info_table_shape", r"actual dim2=257, expected \[1, 256\]"),
 ])
