@@ -1,13 +1,14 @@
-"""AttentionWorkerCombine: y = sum_k scale*slot_k + shared slot, in fp32, for one micro-batch of the attention window."""
+"""AttentionWorkerCombine: y = sum_k scale*slot_k + shared slot (or, MX on 950, sum of dequantised slots), in fp32."""
 from __future__ import annotations
 
 import logging
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
 from ..layout import ATTENTION_MICRO_BATCH_ID_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG, ScheduleContext
+from ..tokens import (BF16, COMBINE_TOKEN_DTYPE_CODES, COMBINE_TOKEN_DTYPES, E8M0, MX_BLOCK, check_generation,
+                      describe_codes, mx_dequantize)
 from ._context import as_context, device_of, prepared, require_buffer, require_positive
 from ._polling import Idle, Stopped, Waiting, sched_yield
 
@@ -15,7 +16,7 @@ log = logging.getLogger("afd.ops.attention_worker_combine")
 
 _RUN_FLAG = RUN_FLAG_OFFSET // 4
 _MICRO_BATCH_ID = ATTENTION_MICRO_BATCH_ID_OFFSET // 4
-TOKEN_DTYPES = {0: np.dtype(np.float16), 1: np.dtype(ml_dtypes.bfloat16)}
+TOKEN_DTYPES = {code: fmt.element for code, fmt in COMBINE_TOKEN_DTYPES.items() if not fmt.mx}  # fp16, bf16 slots
 MAX_K = 64
 # fp32 scratch per chunk of tokens. Measured at BS=48 K=8+1 H=7168 bf16 (2-core EPYC VM): 3 MB (12 tokens) is the
 # sweet spot (~1.01 ms); 4 MB 1.03-1.09 ms, 1 token (L2-sized) 1.34 ms: numpy per-call overhead beats locality.
@@ -82,9 +83,30 @@ def _cast_into(sums: np.ndarray, out_dtype, out: np.ndarray | None) -> np.ndarra
     return out
 
 
+def combine_mx_tokens(data: np.ndarray, expert_scales: np.ndarray, element, h: int,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """The arch35 MXFP combine: y = bf16(sum_{k<K+1} dequant(d[i,k])), fp32, k in order from 0.0, no weights.
+
+    data is (BS, K+1, payload bytes) uint8 (fp8, or fp4 packed low nibble first), expert_scales (BS, K+1, S) E8M0
+    bytes; dequant is element * 2^(e - 127) with e = 0 -> 2^-127 and 255 -> NaN, one fp32 multiply, as the kernel's
+    DecodeMxfpScale and Muls (fp32 subnormals kept [INF: whether the vector unit flushes them is not documented]).
+    """
+    bs, k1, _ = data.shape
+    acc = np.zeros((bs, h), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(k1):  # the kernel adds expert after expert, no regrouping and no intermediate bf16
+            acc += mx_dequantize(data[:, k], expert_scales[:, k], element, h)
+    return _cast_into(acc, BF16, out)
+
+
 def warm_up(token_dtype: int) -> None:
-    """Load (or, once per machine, compile) the combine kernel for this dtype now, not inside a timed or watched op."""
-    dtype = TOKEN_DTYPES[token_dtype]
+    """Load (or, once per machine, compile) the combine kernel for this dtype now, not inside a timed or watched op.
+
+    The MX token dtypes (950) and unknown codes have nothing to compile: the numpy path, and the host check refuses
+    an unknown code."""
+    dtype = TOKEN_DTYPES.get(token_dtype)
+    if dtype is None:
+        return
     combine_tokens(np.zeros((1, 2, 2), dtype), np.zeros((1, 1), np.float32), dtype)
 
 
@@ -109,24 +131,36 @@ def _combine_compiled(data: np.ndarray, scales: np.ndarray, out_dtype, out: np.n
 
 
 def check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size, token_dtype,
-                                        need_schedule):
-    """The aclnn and tiling checks (nothing in device memory); returns (contiguous scales, layer id)."""
+                                        need_schedule, generation: str = "A3"):
+    """The aclnn and tiling checks (nothing in device memory); returns (contiguous scales, layer id).
+
+    On 950 an MX token_dtype (2, 3, 4) takes E8M0 expert_scales (BS, K+1, S), S = even(ceil(H/32)), as
+    float8_e8m0fnu or raw uint8 (returned as uint8), as the arch35 tiling checks them."""
+    check_generation(generation)
     for name, value in (("schedule_context", schedule_context), ("expert_scales", expert_scales),
                         ("layer_id", layer_id)):
         if value is None:
             raise AclnnError(name, "must not be null", ACLNN_ERR_PARAM_NULLPTR)
+    codes = COMBINE_TOKEN_DTYPE_CODES[generation]
+    mx = token_dtype in codes and COMBINE_TOKEN_DTYPES[token_dtype].mx
+    if generation == "950" or token_dtype in COMBINE_TOKEN_DTYPES:  # arch35 tiling: token_dtype before the scales
+        _check_token_dtype(token_dtype, codes)
     scales = np.asarray(expert_scales)
-    if scales.dtype != np.float32:
+    if mx and scales.dtype not in (E8M0, np.uint8):
+        raise AclnnError("expert_scales", f"dtype must be float8_e8m0fnu (or its uint8 bytes) for an MX token_dtype "
+                                          f"{token_dtype}, got {scales.dtype}", ACLNN_ERR_PARAM_INVALID)
+    if not mx and scales.dtype != np.float32:
         raise AclnnError("expert_scales", f"dtype must be float32, got {scales.dtype}", ACLNN_ERR_PARAM_INVALID)
     lid = np.asarray(layer_id)
     if isinstance(layer_id, np.ndarray) and lid.dtype != np.int32:
         raise AclnnError("layer_id", f"dtype must be int32, got {lid.dtype}", ACLNN_ERR_PARAM_INVALID)
     if lid.size != 1:
         raise AclnnError("layer_id", f"shape must be (1,), got {lid.shape}", ACLNN_ERR_PARAM_INVALID)
-    if token_dtype not in TOKEN_DTYPES:
-        raise AclnnError("token_dtype", f"must be 0 (fp16) or 1 (bf16), got {token_dtype}", ACLNN_ERR_PARAM_INVALID)
+    _check_token_dtype(token_dtype, codes)
     if need_schedule not in (0, 1):
         raise AclnnError("need_schedule", f"must be 0 or 1, got {need_schedule}", ACLNN_ERR_PARAM_INVALID)
+    if mx:
+        return _check_mx_scales(scales, hidden_size), int(lid.reshape(-1)[0])
     if scales.ndim != 2:
         raise KernelError("expert_scales", f"must be 2-D (BS, K), got shape {scales.shape}")
     bs, k = scales.shape
@@ -139,10 +173,33 @@ def check_attention_worker_combine_host(schedule_context, expert_scales, layer_i
     return np.ascontiguousarray(scales), int(lid.reshape(-1)[0])
 
 
+def _check_token_dtype(token_dtype, codes) -> None:
+    if token_dtype not in codes:
+        mx_hint = " (the MX token dtypes 2-4 need generation 950)" if token_dtype in COMBINE_TOKEN_DTYPES else ""
+        raise AclnnError("token_dtype", f"must be {describe_codes(COMBINE_TOKEN_DTYPES, codes)}, got {token_dtype}"
+                                        f"{mx_hint}", ACLNN_ERR_PARAM_INVALID)
+
+
+def _check_mx_scales(scales: np.ndarray, hidden_size) -> np.ndarray:
+    """The arch35 tiling's MXFP shape rules: rank 3, BS > 0, routed K = dim 1 - 1 in [1, 64], H > 0,
+    dim 2 = align_up(ceil(H/32), 2)."""
+    if scales.ndim != 3:
+        raise KernelError("expert_scales", f"must be 3-D (BS, K+1, S) for an MX token_dtype, got shape {scales.shape}")
+    bs, k1, s = scales.shape
+    if bs <= 0 or not 1 <= k1 - 1 <= MAX_K or int(hidden_size) <= 0:
+        raise KernelError("expert_scales", f"BS and H must be > 0 and K (dim 1 less the shared slot) in [1, {MAX_K}], "
+                                           f"got shape {scales.shape}, hidden_size {hidden_size}")
+    count = -(-int(hidden_size) // MX_BLOCK)
+    if s != count + count % 2:
+        raise KernelError("expert_scales", f"dim 2 must equal align_up(ceil(H/32), 2) = {count + count % 2} for "
+                                           f"H {hidden_size}, got {s}")
+    return np.ascontiguousarray(scales).view(np.uint8)
+
+
 def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_size: int, token_dtype: int = 0,
                              need_schedule: int = 0, *, idle: Idle = sched_yield,
-                             out: np.ndarray | None = None,
-                             host_checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                             out: np.ndarray | None = None, host_checked: bool = False,
+                             generation: str = "A3") -> tuple[np.ndarray, np.ndarray]:
     """Combine one micro-batch's returned expert slots into y (BS, H); returns (y, next_layer_id = layer_id + 1).
 
     BS and K come from expert_scales (pitfall S7: the micro-batch base offset uses that BS too) and the slot
@@ -152,6 +209,14 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
     flag. need_schedule=1 polls the flags of the first BS tokens of (micro_batch_id + 1) % M until every one is
     exactly 1, combines, zeroes those flags and sets micro_batch_id.
 
+    generation="950" is the arch35 kernel: token_dtype 0/1 as A3; 2 (MXFP8 e5m2), 3 (MXFP8 e4m3fn), 4 (MXFP4
+    e2m1) dequantise: expert_scales is E8M0 (BS, K+1, S) block scales (not routing weights), y is bf16 =
+    combine_mx_tokens. The MX slots are read as the arch35 MXFP kernel and its golden read them: packed rows of
+    the payload only (H bytes, or ceil(H/2) for fp4), micro-batch mb's (BS, K+1) rows at token_data_buf +
+    mb*BS*(K+1)*row_bytes; the scales come from expert_scales, never from the window. Nothing in the window
+    layout ties this to the A2F/F2A slot strides (no 950 producer of MX rows in the attention window was found):
+    the kernel uses neither hidden_size*2 nor ffn_to_attn_token_size as the stride here.
+
     Deviations from the real kernel, both only where it would otherwise spin forever or misread: it polls for
     "every flag == 1" where the kernel tests "sum of flags == count" (identical for 0/1 flags), and, having no
     exit, the kernel never looks at run_flag; here a scan that is not ready re-reads run_flag and raises
@@ -159,13 +224,15 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
     """
     if host_checked:  # the caller ran check_attention_worker_combine_host on these very arrays already
         scales, lid = np.ascontiguousarray(expert_scales), int(np.asarray(layer_id).reshape(-1)[0])
+        if COMBINE_TOKEN_DTYPES[token_dtype].mx:
+            scales = scales.view(np.uint8)
     else:
         scales, lid = check_attention_worker_combine_host(schedule_context, expert_scales, layer_id, hidden_size,
-                                                          token_dtype, need_schedule)
+                                                          token_dtype, need_schedule, generation)
     ctx = as_context(schedule_context)
-    bs, k = scales.shape
-    k1, h = k + 1, int(hidden_size)
-    dtype = TOKEN_DTYPES[token_dtype]
+    fmt = COMBINE_TOKEN_DTYPES[token_dtype]
+    bs, k1, h = scales.shape[0], scales.shape[1] + (0 if fmt.mx else 1), int(hidden_size)
+    dtype = BF16 if fmt.mx else TOKEN_DTYPES[token_dtype]
     m = prepared(ctx, "attention_worker_combine", _micro_batch_num)
     mb = int(ctx.u32[_MICRO_BATCH_ID])
     if need_schedule:
@@ -178,7 +245,7 @@ def attention_worker_combine(schedule_context, expert_scales, layer_id, hidden_s
         _wait_flags(ctx, flags, mb, bs, k1, idle)
     if out is not None and (out.shape != (bs, h) or out.dtype != dtype):
         raise KernelError("y", f"the output must be ({bs}, {h}) {dtype}, got {out.shape} {out.dtype}")
-    y = combine_tokens(data, scales, dtype, out)
+    y = combine_mx_tokens(data, scales, fmt.element, h, out) if fmt.mx else combine_tokens(data, scales, dtype, out)
     if need_schedule:
         flags[:] = 0
         ctx.u32[_MICRO_BATCH_ID] = mb
@@ -193,12 +260,15 @@ def _micro_batch_num(ctx: ScheduleContext) -> int:
 
 def _micro_batch_views(ctx: ScheduleContext, mb: int, bs: int, k1: int, h: int, token_dtype: int,
                        need_schedule: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Micro-batch mb's returned slots (BS, K+1, H) and, with need_schedule, its flags, after their bounds checks
-    against the declared sizes (the real kernel would read past them silently)."""
-    attention, dev, itemsize = ctx.attention, device_of(ctx), TOKEN_DTYPES[token_dtype].itemsize
-    require_buffer(attention, "token_data_buf", (mb + 1) * bs * k1 * h * itemsize)
-    data = dev.view(attention.token_data_buf + mb * bs * k1 * h * itemsize, bs * k1 * h * itemsize,
-                    TOKEN_DTYPES[token_dtype], field="attention.token_data_buf").reshape(bs, k1, h)
+    """Micro-batch mb's returned slots (BS, K+1, H) (MX: (BS, K+1, payload bytes) uint8) and, with need_schedule,
+    its flags, after their bounds checks against the declared sizes (the real kernel would read past them
+    silently)."""
+    attention, dev, fmt = ctx.attention, device_of(ctx), COMBINE_TOKEN_DTYPES[token_dtype]
+    slot = fmt.payload_bytes(h)
+    dtype, width = (np.dtype(np.uint8), slot) if fmt.mx else (fmt.element, h)
+    require_buffer(attention, "token_data_buf", (mb + 1) * bs * k1 * slot)
+    data = dev.view(attention.token_data_buf + mb * bs * k1 * slot, bs * k1 * slot, dtype,
+                    field="attention.token_data_buf").reshape(bs, k1, width)
     if not need_schedule:
         return data, None
     require_buffer(attention, "token_info_buf", (mb + 1) * bs * k1 * 4)

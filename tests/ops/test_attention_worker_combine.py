@@ -236,3 +236,164 @@ def test_speed_bf16_48x9x7168_against_a_full_read(dev):
     print(f"\ncombine {combine * 1e3:.3f} ms; read {raw.nbytes} B: uint16 sum {read_sum * 1e3:.3f} ms, "
           f"uint64 or-reduce {read_or * 1e3:.3f} ms")
     assert combine <= 3 * read_sum
+
+
+# --- 950: the arch35 MXFP combine ----------------------------------------------------------------------------------
+# An independent reference: codes decoded from their bit fields with integer arithmetic (no ml_dtypes), E8M0 decoded
+# by its definition, fp32 products summed slot after slot from 0.0, then bf16 round-half-even on the fp32 bits.
+MX_FIELDS = {2: (5, 2, 15), 3: (4, 3, 7), 4: (2, 1, 1)}  # token_dtype: exponent bits, mantissa bits, bias
+
+
+def ref_decode(codes: np.ndarray, token_dtype: int) -> np.ndarray:
+    ebits, mbits, bias = MX_FIELDS[token_dtype]
+    codes = codes.astype(np.int64)
+    sign = np.where(codes >> (ebits + mbits) & 1, -1.0, 1.0)
+    e, m = codes >> mbits & ((1 << ebits) - 1), codes & ((1 << mbits) - 1)
+    value = np.where(e == 0, m * 2.0 ** (1 - bias - mbits), (1 + m / (1 << mbits)) * 2.0 ** (e - bias))
+    if token_dtype == 2:
+        value = np.where(e == 31, np.where(m == 0, np.inf, np.nan), value)
+    if token_dtype == 3:
+        value = np.where((e == 15) & (m == 7), np.nan, value)
+    return (sign * value).astype(np.float32)  # every code is exact in fp32
+
+
+def ref_mx_combine(rows: np.ndarray, scales: np.ndarray, token_dtype: int, h: int) -> np.ndarray:
+    """rows (BS, K+1, bytes) uint8, scales (BS, K+1, S) uint8 -> bf16 bits (BS, H) as uint16."""
+    if token_dtype == 4:
+        codes = np.stack([rows & 0xF, rows >> 4], axis=-1).reshape(*rows.shape[:2], -1)[..., :h]
+    else:
+        codes = rows[..., :h]
+    values = ref_decode(codes, token_dtype)
+    e = scales[..., np.arange(h) // 32].astype(np.int64)
+    factor = np.where(e == 255, np.nan, np.where(e == 0, 2.0 ** -127, 2.0 ** (e - 127.0))).astype(np.float32)
+    acc = np.zeros((rows.shape[0], h), np.float32)
+    with np.errstate(all="ignore"):
+        for k in range(rows.shape[1]):
+            acc = acc + values[:, k] * factor[:, k]
+    bits = acc.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + (bits >> 16 & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(acc), np.uint16(0x7FC0), rounded)
+
+
+def make_mx(dev, token_dtype, m, bs, k1, h, micro_batch_id=0, seed=0, scale_choices=None):
+    rng = np.random.default_rng(seed)
+    row = (h + 1) // 2 if token_dtype == 4 else h
+    ctx, flags, raw = make_ctx(dev, m, bs, k1, row, itemsize=1, micro_batch_id=micro_batch_id)
+    raw[:] = rng.integers(0, 256, raw.size, dtype=np.uint8)
+    count = -(-h // 32)
+    if scale_choices is None:
+        scales = rng.integers(100, 150, (bs, k1, count + count % 2), dtype=np.uint8)
+    else:
+        scales = rng.choice(np.array(scale_choices, np.uint8), (bs, k1, count + count % 2))
+    return ctx, flags, raw.reshape(m, bs, k1, row), scales
+
+
+def assert_bf16_equal(y, want_bits):
+    assert y.dtype == BF16
+    got = y.view(np.uint16)
+    nan = np.isnan(y.astype(np.float32))
+    assert np.array_equal(nan, (want_bits & 0x7FFF) > 0x7F80)
+    assert np.array_equal(got[~nan], want_bits[~nan])
+
+
+@pytest.mark.parametrize("token_dtype", [2, 3, 4])
+@pytest.mark.parametrize("h", [31, 33, 64, 7168])
+def test_950_mx_combine_matches_the_reference(dev, token_dtype, h):
+    m, bs, k1 = 3, 4, 5
+    ctx, flags, rows, scales = make_mx(dev, token_dtype, m, bs, k1, h, micro_batch_id=2, seed=h + token_dtype)
+    y, nxt = attention_worker_combine(ctx, scales, np.array([4], np.int32), h, token_dtype, generation="950")
+    assert y.shape == (bs, h) and nxt.tolist() == [5]
+    assert_bf16_equal(y, ref_mx_combine(rows[2], scales, token_dtype, h))
+    assert ctx.attention.micro_batch_id == 2 and not flags.any()  # need_schedule=0 touches nothing
+
+
+@pytest.mark.parametrize("token_dtype", [2, 3, 4])
+def test_950_mx_combine_special_scales_and_codes(dev, token_dtype):
+    # E8M0 0 (2^-127: products go subnormal or to zero), 1, 254 (overflow to inf), 255 (NaN), random codes
+    # (e5m2 Inf/NaN, e4m3fn NaN, every fp4 code, -0).
+    m, bs, k1, h = 1, 8, 9, 96
+    ctx, _, rows, scales = make_mx(dev, token_dtype, m, bs, k1, h, seed=7, scale_choices=[0, 1, 126, 127, 254, 255])
+    y, _ = attention_worker_combine(ctx, scales, np.array([0], np.int32), h, token_dtype, generation="950")
+    assert_bf16_equal(y, ref_mx_combine(rows[0], scales, token_dtype, h))
+    assert np.isnan(y.astype(np.float32)).any()
+
+
+def test_950_mx_combine_of_quantised_rows_is_their_sum(dev):
+    # The MX rows afd.tokens writes, combined: close to the sum of the original rows (no routing weights).
+    from afd import tokens
+
+    bs, k1, h = 3, 4, 100
+    x = np.random.default_rng(5).standard_normal((bs, k1, h)).astype(BF16)
+    ctx, _, rows, scales = make_mx(dev, 3, 1, bs, k1, h)
+    for k in range(k1):
+        payload, block_scales = tokens.mx_quantize(x[:, k], 4)
+        rows[0, :, k] = payload
+        scales[:, k, :block_scales.shape[1]] = block_scales
+    y, _ = attention_worker_combine(ctx, scales.view(tokens.E8M0), np.array([0], np.int32), h, 3,
+                                    generation="950")
+    want = x.astype(np.float32).sum(axis=1)
+    assert np.abs(y.astype(np.float32) - want).max() < 0.25 * k1
+
+
+def test_950_mx_need_schedule_polls_clears_and_advances(dev):
+    m, bs, k1, h = 2, 2, 3, 40
+    ctx, flags, rows, scales = make_mx(dev, 4, m, bs, k1, h, micro_batch_id=1)
+    flags[0] = 1
+    flags[1] = 7  # the other micro-batch: untouched
+    y, _ = attention_worker_combine(ctx, scales, np.array([0], np.int32), h, 4, need_schedule=1, generation="950")
+    assert_bf16_equal(y, ref_mx_combine(rows[0], scales, 4, h))
+    assert not flags[0].any() and (flags[1] == 7).all() and ctx.attention.micro_batch_id == 0
+    ctx.control.run_flag = 0
+    with pytest.raises(Stopped, match="run_flag is 0"):  # micro-batch 1 never becomes ready
+        attention_worker_combine(ctx, scales, np.array([0], np.int32), h, 4, need_schedule=1, generation="950")
+
+
+@pytest.mark.parametrize("token_dtype", [0, 1])
+def test_950_plain_token_dtypes_combine_as_a3(dev, token_dtype):
+    m, bs, k, h = 1, 3, 2, 64
+    ctx, _, raw = make_ctx(dev, m, bs, k + 1, h)
+    data = fill(raw, DTYPES[token_dtype], (m, bs, k + 1, h), seed=4)
+    scales = np.random.default_rng(2).random((bs, k), dtype=np.float32)
+    a3, _ = attention_worker_combine(ctx, scales, np.array([0], np.int32), h, token_dtype)
+    y950, _ = attention_worker_combine(ctx, scales, np.array([0], np.int32), h, token_dtype, generation="950")
+    assert np.array_equal(a3.view(np.uint16), y950.view(np.uint16))
+    assert np.array_equal(a3.view(np.uint16), reference(data[0], scales, DTYPES[token_dtype]).view(np.uint16))
+
+
+def _mx_scales(bs=2, k1=3, s=2, dtype=np.uint8):
+    return np.zeros((bs, k1, s), dtype)
+
+
+@pytest.mark.parametrize("kwargs, err, status, match", [
+    (dict(token_dtype=2), AclnnError, 161002, r"token_dtype: must be 0 \(fp16\) or 1 \(bf16\), got 2 "
+                                              r"\(the MX token dtypes 2-4 need generation 950\)"),
+    (dict(token_dtype=5, generation="950"), AclnnError, 161002, r"token_dtype: must be 0 \(fp16\), 1 \(bf16\), "
+                                                                r"2 \(mxfp8 e5m2\), 3 \(mxfp8 e4m3fn\) or 4"),
+    (dict(generation="950", expert_scales=_mx_scales(dtype=np.float32)), AclnnError, 161002,
+     "expert_scales: dtype must be float8_e8m0fnu"),
+    (dict(generation="950", expert_scales=np.zeros((2, 3), np.uint8)), KernelError, 1, "must be 3-D"),
+    (dict(generation="950", expert_scales=_mx_scales(s=1)), KernelError, 1,
+     r"dim 2 must equal align_up\(ceil\(H/32\), 2\) = 2"),
+    (dict(generation="950", expert_scales=_mx_scales(k1=1)), KernelError, 1, r"K \(dim 1 less the shared slot\)"),
+    (dict(generation="950", expert_scales=_mx_scales(k1=66)), KernelError, 1, r"in \[1, 64\]"),
+    (dict(generation="950", need_schedule=2), AclnnError, 161002, "need_schedule: must be 0 or 1"),
+    (dict(generation="B1"), ValueError, None, "generation must be one of"),
+])
+def test_950_mx_refusals(dev, kwargs, err, status, match):
+    ctx, _, _, _ = make_mx(dev, 2, 1, 2, 3, 40)
+    args = dict(schedule_context=ctx, expert_scales=_mx_scales(), layer_id=np.array([0], np.int32),
+                hidden_size=40, token_dtype=2, need_schedule=0)
+    args.update(kwargs)
+    with pytest.raises(err, match=match) as info:
+        attention_worker_combine(**args)
+    assert getattr(info.value, "status", None) == status
+
+
+def test_950_mx_output_must_be_bf16(dev):
+    ctx, _, _, scales = make_mx(dev, 3, 1, 2, 3, 40)
+    with pytest.raises(KernelError, match=r"y: the output must be \(2, 40\) bfloat16"):
+        attention_worker_combine(ctx, scales, np.array([0], np.int32), 40, 3, generation="950",
+                                 out=np.empty((2, 40), np.float16))
+    out = np.empty((2, 40), BF16)
+    y, _ = attention_worker_combine(ctx, scales, np.array([0], np.int32), 40, 3, generation="950", out=out)
+    assert y is out
