@@ -11,11 +11,12 @@ from .errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, ACLNN_SUCC
 from .layout import ScheduleContext
 from .ops._polling import Idle, sched_yield
 from .ops.attention_worker_scheduler import attention_worker_scheduler_
+from .tokens import INT8
 
 # aclDataType values used here (acl_base.h).
 ACL_INT8 = 2
 ACL_FORMAT_ND = 2
-_ACL_DTYPES = {ACL_INT8: np.int8}
+_ACL_DTYPES = {ACL_INT8: INT8}  # aclDataType -> the element type
 
 # A failed AICPU kernel surfaces as this runtime status (the real phase 2 only launches, and the failure
 # shows at aclrtSynchronizeStream; here the kernel runs at launch, so phase 2 returns it and the stream keeps it).

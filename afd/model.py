@@ -4,12 +4,12 @@ from __future__ import annotations
 import zlib
 from functools import lru_cache
 
-import ml_dtypes
 import numpy as np
 
 from .config import Config
+from .tokens import BF16, FP16, X_DTYPE_BY_NAME
 
-DTYPES = {"fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
+DTYPES = X_DTYPE_BY_NAME  # (the name runtime/memory.py imports)
 GATE_FEATURES = 64  # the gate reads the first 64 features: cheap, still data-dependent routing
 
 _SEED_INPUT, _SEED_ATTN, _SEED_GATE, _SEED_EXPERT = 11, 13, 17, 19
@@ -62,7 +62,7 @@ def scale_grouped(x: np.ndarray, group_list: np.ndarray, params: np.ndarray, out
     does (the one-buffer kernel: the two-buffer one on aliased rows runs scalar). Returns the rows done, or
     -1 - g for a bad group."""
     from .ops import _kernels
-    half = x.dtype == DTYPES["fp16"]
+    half = x.dtype == FP16
     if out.ctypes.data == x.ctypes.data:
         kernel = _kernels.scale_groups_inplace_f16 if half else _kernels.scale_groups_inplace_bf16
         return kernel(out.view(np.uint32), group_list, params)
@@ -80,7 +80,7 @@ class Model:
 
     def __init__(self, config: Config):
         self.cfg = config
-        self.dtype = DTYPES[config.token_dtype]
+        self.dtype = X_DTYPE_BY_NAME[config.token_dtype]
         self._cache: dict = {}
 
     def _rng(self, *key: int) -> np.random.Generator:
@@ -131,7 +131,7 @@ class Model:
 
     def _attention_kernel(self):
         from .ops._kernels import attention_pairs_bf16, attention_pairs_f16  # (numba: imported on first use)
-        return attention_pairs_bf16 if self.dtype == DTYPES["bf16"] else attention_pairs_f16
+        return attention_pairs_bf16 if self.dtype == BF16 else attention_pairs_f16
 
     def gate(self, layer: int, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-K routed expert ids (BS, K) int32 and their softmax scales (BS, K) float32."""
@@ -163,7 +163,7 @@ class Model:
                 return value
             out[...] = value
             return out
-        kernels = self._memo("residual kernels", self._residual_kernels)[self.dtype == DTYPES["fp16"]]
+        kernels = self._memo("residual kernels", self._residual_kernels)[self.dtype == FP16]
         if out is h:
             kernels[1](h_words, y_words)
             return h

@@ -77,6 +77,7 @@ class RowFormat:
 
 
 PLAIN = {FP16: RowFormat("fp16", FP16), BF16: RowFormat("bf16", BF16)}
+X_DTYPE_BY_NAME = {fmt.name: dtype for dtype, fmt in PLAIN.items()}  # the config's token_dtype names: fp16, bf16
 INT8_ROW = RowFormat("int8 + fp32 scale", INT8, FP32)
 MX_ROWS = {FP8_E5M2: RowFormat("mxfp8 e5m2", FP8_E5M2, E8M0), FP8_E4M3: RowFormat("mxfp8 e4m3fn", FP8_E4M3, E8M0),
            FP4_E2M1: RowFormat("mxfp4 e2m1", FP4_E2M1, E8M0)}

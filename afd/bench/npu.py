@@ -14,7 +14,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "npu" / "window_rou
 def measure_combine(bs: int = 48, k: int = 8, hidden: int = 7168, rounds: int = 30, per_round: int = 10) -> dict:
     """npu_attention_worker_combine(need_schedule=0) on npu tensors, then torch.npu.synchronize(), against
     afd.ops.attention_worker_combine on numpy views of the same bytes; rounds alternate, best of each."""
-    import ml_dtypes
     import torch
 
     from .. import device as _device
@@ -22,6 +21,7 @@ def measure_combine(bs: int = 48, k: int = 8, hidden: int = 7168, rounds: int = 
     from ..npu import install
     from ..ops import create_schedule_context_holder
     from ..ops.attention_worker_combine import attention_worker_combine, warm_up
+    from ..tokens import BF16
     install()
     import torch_npu
 
@@ -29,14 +29,14 @@ def measure_combine(bs: int = 48, k: int = 8, hidden: int = 7168, rounds: int = 
     slots = m * bs * k1
     size = align512(4 * slots) + 2 * slots * hidden
     rng = np.random.default_rng(0)
-    data = rng.standard_normal(slots * hidden, np.float32).astype(ml_dtypes.bfloat16)
+    data = rng.standard_normal(slots * hidden, np.float32).astype(BF16)
     scales = rng.random((bs, k), dtype=np.float32)
     warm_up(1)
     dev = _device.Device()
     try:
         buf = dev.malloc(size)
         buf.view()[:] = 0
-        buf.view(ml_dtypes.bfloat16, offset=align512(4 * slots))[:data.size] = data
+        buf.view(BF16, offset=align512(4 * slots))[:data.size] = data
         holder = create_schedule_context_holder(1, 1, m, bs, k1, 16, 512, 2 * hidden, attention_window=buf.address,
                                                 attention_window_size=size, device=dev)
         holder.init()

@@ -6,7 +6,7 @@ import base64
 import numpy as np
 
 from ..config import Config
-from ..model import DTYPES
+from ..tokens import X_DTYPE_BY_NAME
 from . import memory as memory_mod
 from .memory import STATUS, STATUS_FIELDS
 
@@ -24,7 +24,7 @@ class ReportedMemory:
         rows = memory_mod.digest_rows(c) if hasattr(memory_mod, "digest_rows") else c.steps
         self._digests = np.zeros((rows, c.sessions, c.micro_batch_num), np.uint64)
         self._outputs = np.zeros((c.sessions, c.micro_batch_num, c.micro_batch_size, c.hidden_size),
-                                 DTYPES[c.token_dtype])
+                                 X_DTYPE_BY_NAME[c.token_dtype])
         self._status = np.zeros((len(self.roles), len(STATUS_FIELDS)), np.int64)
         self.hosts: dict[str, dict] = {}
         for role, rep in reports.items():
