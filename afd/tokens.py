@@ -156,8 +156,8 @@ def quantize_int8(rows: np.ndarray, generation: str = "A3") -> tuple[np.ndarray,
     """Dynamic per-row int8 of rows (fp16, bf16 or fp32, [n, H]); returns (q int8 [n, H], fp32 dequant scale [n]).
 
     A3: q = rint(x * 127/max|x|) with the scale max|x|/127, an all-zero row gets scale 0 (afd-sim's long-standing
-    rule, kept as the model and the tests use it). The A3 spec says the hardware stores 1/(127/max|x|), which
-    differs from max|x|/127 in the last bit for some rows [INF: not changed here].
+    rule, kept as the model and the tests use it). The V1 kernel stores fl32(1/fl32(127/max|x|)) with no zero guard
+    [seen], as 950 does: it differs from max|x|/127 in the last bit for some rows (not changed here).
     950 (the arch35 A2F kernel): f = fp32(x); m = max|f|; d = fl32(127/m) with no zero guard; q = rint(f*d)
     (round half even; |f*d| <= 127.00002, so the int8 saturation never bites); scale = fl32(1/d). An all-zero row
     has d = inf and f*d = NaN: its payload is undefined on hardware (afd-sim writes 0) and its scale is 1/inf = 0.
@@ -223,8 +223,12 @@ def mx_quantize(rows: np.ndarray, quant_mode: int) -> tuple[np.ndarray, np.ndarr
     0 when every e is 0 (all zeros, and bf16 subnormals, whose outputs are then +-0). MX_CLIP (6, 7): scale =
     ceil(log2(fl32(max(amax, 1e-4) * fl32(1/fpmax)))), fpmax 57344 (e5m2) or 448 (e4m3fn), same 0xFF / 0 rules.
     Elements: x * 2^(127 - scale), in fp32 for fp16 input to fp8, in bf16 otherwise (fp16 input to fp4 goes to
-    bf16 by truncation after a sticky bit is set, as the kernel's FP16Convert), then round half even with
-    saturation to +-fpmax. fp4 packs two per byte, the low nibble the even element (an odd H's last high nibble 0).
+    bf16 by truncation after a sticky bit is set, as the kernel's FP16Convert: for fp16 subnormals this differs
+    from rounding x itself), then round half even with saturation to +-fpmax (the fp8 casts saturate [seen]; e2m1's
+    cast mode is unspecified, and it has no Inf [INF]). fp4 packs two per byte, the low nibble the even element (an
+    odd H's last high nibble 0). A partial last block's scale comes from its own elements: the kernel's vector
+    masks also let lanes past H (stale buffer contents) into that block's max, undefined on hardware [INF: taken as
+    zeros]; the even-count padding scale byte encode_rows adds is 0 for the same reason.
     """
     mode = QUANT_MODES[quant_mode]
     row_format = mode.row_format(FP16)
