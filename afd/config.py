@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ ITEMSIZE = {"fp16": 2, "bf16": 2}
 AGENT_PREFIX = "agent-"
 TOKEN_DTYPE_CODE = {"fp16": 0, "bf16": 1}
 Number = StrictInt | StrictFloat
+MAX_K1_950, MAX_SESSIONS_950, MAX_EXPERTS_950 = 64, 1024, 8192  # FfnWorkerBatching V2's host limits
 
 
 class _Strict(BaseModel):
@@ -69,6 +71,8 @@ class Config(_Strict):
     placement: dict[StrictInt, list[StrictInt]] | None = Field(
         None, description="expert id -> FFN ranks holding it (shared expert id = routed_experts); default e % F")
     mode: Literal["sync", "async"] = "sync"
+    generation: Literal["A3", "950"] = Field("A3", description="A3: the V1 operators (torch_npu); 950: the V2 "
+                                                              "window operators and the arch35 combine")
     fuse_scheduler: StrictBool = False
     seed: StrictInt = Field(0, ge=0, description="seeds the inputs and weights (numpy SeedSequence: >= 0)")
     wait: Literal["default", "spin"] = "default"
@@ -112,6 +116,8 @@ class Config(_Strict):
             extra = [e for e in self.placement if not 0 <= e <= self.routed_experts]
             if extra:
                 raise ValueError(f"placement: expert id(s) {extra} outside [0, {self.routed_experts}]")
+        if self.generation == "950":
+            self._rules_950()
         if self.strict:
             if not 1024 <= self.hidden_size <= 8192:
                 raise ValueError(f"hidden_size: must be in [1024, 8192] in strict mode, got {self.hidden_size}")
@@ -142,6 +148,28 @@ class Config(_Strict):
             if len(self.hosts) > 1 and self.control.transport != "tcp":
                 raise ValueError("control.transport: must be tcp when roles are spread over several hosts")
         return self
+
+    def _rules_950(self) -> None:
+        """What the V2 operators refuse at any size (their other limits hold in strict mode, as on A3): checked
+        here so a run that cannot work is one line before anything starts, not a role failing mid-run."""
+        if self.selected > MAX_K1_950:
+            raise ValueError(f"top_k: must be <= {MAX_K1_950 - 1} on generation 950 (FfnWorkerBatching V2 takes "
+                             f"K+1 <= {MAX_K1_950}), got {self.top_k}")
+        if self.sessions > MAX_SESSIONS_950:
+            raise ValueError(f"sessions: must be <= {MAX_SESSIONS_950} on generation 950 (FfnWorkerBatching V2), "
+                             f"got {self.sessions}")
+        held = Counter(f for e in range(self.expert_num) for f in self.placement_of(e))
+        rank, most = max(held.items(), key=lambda kv: kv[1])
+        if most * self.layers > MAX_EXPERTS_950:
+            raise ValueError(f"layers: local experts x layers of FFN rank {rank} = {most} x {self.layers} must be "
+                             f"<= {MAX_EXPERTS_950} on generation 950 (FfnWorkerBatching V2's expert_num)")
+
+    @property
+    def snapshot_receive(self) -> bool:
+        """950 in async mode: each FFN rank takes whatever sessions are ready through FfnWorkerBatching V2's snapshot
+        receive (expert ids regrouped by the record's layer); 950 in sync mode waits for all A sessions (its
+        wait-all receive, ids layer-encoded by the table as on A3); A3 runs the FFN scheduler + NORM batching."""
+        return self.generation == "950" and self.mode == "async"
 
     # -- derived sizes ------------------------------------------------------------------------
     @property

@@ -1,4 +1,5 @@
-"""Attention combine combine<s>: attention_worker_combine for each micro-batch the scheduler released (or polls itself, fused)."""
+"""Attention combine combine<s>: attention_worker_combine (arch35 on 950) for each micro-batch the scheduler released
+(or polls itself, fused)."""
 from __future__ import annotations
 
 import time
@@ -45,7 +46,7 @@ def body(rt) -> None:
             with rt.op("attention_worker_combine"):
                 y, _ = attention_worker_combine(ctx, stream.scales[m], np.array([layer], np.int32), cfg.hidden_size,
                                                 token_dtype=mem.token_dtype_code, need_schedule=int(fused),
-                                                idle=rt.idle)
+                                                idle=rt.idle, generation=cfg.generation)
         except Stall as exc:
             raise diagnose(rt, stream, s, m)(exc)
         if fused:

@@ -1,4 +1,4 @@
-"""Attention worker attn<s>: attention + gate for each micro-batch in round-robin order, then attention_to_ffn."""
+"""Attention worker attn<s>: attention + gate for each micro-batch in round-robin order, then attention_to_ffn (V2 on 950)."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,7 +57,8 @@ def body(rt) -> None:
             attention_to_ffn(a[None], np.array([s], np.int32), np.array([m], np.int32),
                              np.array([layer], np.int32), ids[None], table, active_mask=mask, group=group,
                              world_size=cfg.world_size, moe_expert_num=cfg.routed_experts, sync_flag=sync_flag,
-                             ffn_start_rank_id=0, rank=cfg.attention_rank(s), idle=rt.idle, **ffn_shapes)
+                             ffn_start_rank_id=0, rank=cfg.attention_rank(s), idle=rt.idle,
+                             generation=cfg.generation, **ffn_shapes)
         counters[A2F_DONE] = i + 1
         rt.progressed()
         rt.service()

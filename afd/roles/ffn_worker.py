@@ -1,4 +1,5 @@
-"""FFN worker ffn<f>: ffn_worker_scheduler_ + ffn_worker_batching + experts + ffn_to_attention, until run_flag is 0."""
+"""FFN worker ffn<f>: ffn_worker_scheduler_ + ffn_worker_batching (950: V2 batching, which receives itself) + experts +
+ffn_to_attention, until run_flag is 0."""
 from __future__ import annotations
 
 import time
@@ -10,7 +11,8 @@ from ..faults import FaultyWindow
 from ..model import Model, is_pair_rows, scale_grouped
 from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
-from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
+from ..ops._polling import Stopped
+from ..ops.ffn_worker_scheduler import ffn_records, ffn_worker_scheduler_
 from ..runtime.memory import A2F_DONE, COMBINE_DONE, STATUS
 from ..timing import DeviceTime
 from ._schedule import unit
@@ -116,41 +118,37 @@ def body(rt) -> None:
     a2f_done = {s: mem.stream(s).counters for s in mem.local_sessions}  # sessions on another host: see units
     local = cfg.experts_on(f)
     expert_num = max(1, len(local)) * cfg.layers
-    sync_group_size = A if cfg.mode == "sync" else 1
     attn_rank_table = np.arange(F, F + A, dtype=np.int32)
     ffn_hop = rt.samples("ffn_ns")
     device = DeviceTime(cfg)
     passes: dict[tuple[int, int], int] = {}  # (session, mb) -> last layer pass p = step * layers + layer seen
-    batch = None  # one set of batching outputs, reused: F2A has sent every row before the next round gathers
-    while True:
-        with rt.op("ffn_worker_scheduler_"):
-            ffn_worker_scheduler_(ctx, sync_group_size, idle=rt.idle)
-        t0 = time.monotonic_ns()
-        out_num = ctx.ffn.out_num
-        if out_num == 0:
-            if ctx.run_flag == 0:
-                return  # stopped: the scheduler returned OK without work
-            continue
-        sessions = mem.device.view(ctx.ffn.session_ids_buf, 4 * out_num, np.int32, field="ffn.session_ids_buf")
-        for s in sessions.tolist():  # the headers are consumed: A2F backpressure on them is released
-            rt.ring(f"attn{s}")
-        layers = mem.device.view(ctx.ffn.layer_ids_buf, 4 * out_num, np.int32, field="ffn.layer_ids_buf")
-        mbs = mem.device.view(ctx.ffn.micro_batch_ids_buf, 4 * out_num, np.int32, field="ffn.micro_batch_ids_buf")
-        s0, layer0, m0 = int(sessions[0]), int(layers[0]), int(mbs[0])
-        units = []  # [session, micro_batch, layer, step] of this round, for the trace
-        for key in dict.fromkeys(zip(sessions.tolist(), mbs.tolist(), layers.tolist())):
+
+    def place(keys) -> tuple[list[list[int]], tuple[int, int, int]]:
+        """[session, micro_batch, layer, step] of this round's (session, mb, layer) keys (for the trace), and the
+        (step, layer, micro_batch) of its first unit, which the role's status now shows."""
+        units = []
+        for key in keys:
             last = passes.get(key[:2], -1)
             p = last + 1 + (key[2] - last - 1) % cfg.layers  # next pass of this (session, mb) at that layer
             passes[key[:2]] = p
             units.append([*key, p // cfg.layers])
+        s0, m0, layer0 = units[0][:3]
         # the step: from the session's A2F counter on this host, else from the passes seen (the same number)
         step0 = _step_of(cfg, int(a2f_done[s0][A2F_DONE]), layer0, m0) if s0 in a2f_done else units[0][3]
         rt.at(step0, layer0, m0)
-        rt.check_faults(step0, layer0, m0)
+        return units, (step0, layer0, m0)
+
+    receive = _receive_v2 if cfg.generation == "950" else _receive_v1
+    records = ffn_records(ctx, A, M, BS, K1) if cfg.generation == "950" else None  # V2: the units' layer words
+    batch = None  # one set of batching outputs, reused: F2A has sent every row before the next round gathers
+    while True:
+        got = receive(rt, ctx, records, expert_num, place, batch)
+        if got is None:
+            if ctx.run_flag == 0:
+                return  # stopped: the receive returned (or, V2, stopped) without work
+            continue
+        t0, units, batch = got
         round_args = {"units": units}
-        with rt.op("ffn_worker_batching", round_args):
-            batch = ffn_worker_batching(ctx, expert_num, [A, BS, K1, H], token_dtype=mem.token_dtype_code,
-                                        need_schedule=0, out=batch)
         n = int(batch.actual_token_num[0])
         out = batch.y[:n]  # the experts overwrite the batch they read (F2A sends it; nothing else reads y)
         with rt.op("experts", round_args, device.expert_ns(n)):
@@ -159,8 +157,75 @@ def body(rt) -> None:
         with rt.op("ffn_to_attention", {"units": units, "bytes": f2a_bytes}, device.link_ns(f2a_bytes)):
             ffn_to_attention(out, batch.session_ids[:n], batch.micro_batch_ids[:n], batch.token_ids[:n],
                              batch.expert_offsets[:n], np.array([n], np.int64), group, cfg.world_size,
-                             [M, BS, K1], [M, BS, K1, H], attn_rank_table=attn_rank_table)
+                             [M, BS, K1], [M, BS, K1, H], attn_rank_table=attn_rank_table,
+                             generation=cfg.generation)
         ffn_hop.append(time.monotonic_ns() - t0)
         rt.hooks.window_round_done()  # a drop-flag / reorder hits one round that sent data
         rt.progressed()
         rt.service()
+
+
+def _receive_v1(rt, ctx, records, expert_num: int, place, batch):
+    """A3: ffn_worker_scheduler_ (sync_group_size A in sync mode, 1 in async) waits for records and emits them;
+    the round's faults fire; then NORM batching gathers what it emitted. (t0, units, batch), or None without work."""
+    cfg, mem = rt.cfg, rt.mem
+    with rt.op("ffn_worker_scheduler_"):
+        ffn_worker_scheduler_(ctx, cfg.sessions if cfg.mode == "sync" else 1, idle=rt.idle)
+    t0 = time.monotonic_ns()
+    out_num = ctx.ffn.out_num
+    if out_num == 0:
+        return None
+    sessions = mem.device.view(ctx.ffn.session_ids_buf, 4 * out_num, np.int32, field="ffn.session_ids_buf")
+    for s in sessions.tolist():  # the headers are consumed: A2F backpressure on them is released
+        rt.ring(f"attn{s}")
+    layers = mem.device.view(ctx.ffn.layer_ids_buf, 4 * out_num, np.int32, field="ffn.layer_ids_buf")
+    mbs = mem.device.view(ctx.ffn.micro_batch_ids_buf, 4 * out_num, np.int32, field="ffn.micro_batch_ids_buf")
+    units, point = place(dict.fromkeys(zip(sessions.tolist(), mbs.tolist(), layers.tolist())))
+    rt.check_faults(*point)
+    with rt.op("ffn_worker_batching", {"units": units}):
+        batch = ffn_worker_batching(ctx, expert_num, [cfg.sessions, cfg.micro_batch_size, cfg.selected,
+                                                      cfg.hidden_size], token_dtype=mem.token_dtype_code,
+                                    need_schedule=0, out=batch)
+    return t0, units, batch
+
+
+def _receive_v2(rt, ctx, records, expert_num: int, place, batch):
+    """950: FfnWorkerBatching V2 receives and gathers in one op, no FFN scheduler. Async mode: its snapshot receive
+    (need_schedule=1, sync_flag=True, layer_num=L) takes the sessions whose header is set in one micro-batch and
+    regroups their ids by the record's layer; sync mode: its wait-all receive (layer_num=0, the table's ids already
+    per layer). The round is known once the op returned; its faults fire then (a corrupt field meets the next
+    receive's own check). (t0 = the end of the op's wait, units, batch), or None when stopped while waiting."""
+    cfg, mem = rt.cfg, rt.mem
+    snapshot = cfg.snapshot_receive
+    try:
+        with rt.op("ffn_worker_batching") as span:
+            batch = ffn_worker_batching(ctx, expert_num, [cfg.sessions, cfg.micro_batch_size, cfg.selected,
+                                                          cfg.hidden_size], token_dtype=mem.token_dtype_code,
+                                        need_schedule=1, layer_num=cfg.layers if snapshot else 0,
+                                        sync_flag=snapshot, generation="950", idle=rt.idle, out=batch)
+            waits = rt.waits
+            t0 = waits.wait_last if waits.wait_start >= span.t0 else span.t0
+            keys = _round_keys(ctx, records, batch, cfg.micro_batch_num, snapshot)
+            if not keys:  # a snapshot whose every slot was masked (a bad layer word): nothing to compute or send
+                return None
+            units, point = place(keys)
+            span.args = {"units": units}
+    except Stopped:
+        if ctx.run_flag == 0:
+            return None
+        raise
+    rt.check_faults(*point)
+    return t0, units, batch
+
+
+def _round_keys(ctx, records: np.ndarray, batch, m: int, snapshot: bool) -> list[tuple[int, int, int]]:
+    """The (session, micro_batch, layer) units a V2 receive took: its micro-batch is the one before the new
+    polling_index; its sessions are those with rows (snapshot: a session's header reaches only the ranks it sent
+    slots to) or all A (wait-all); a unit's layer is its record's layer word, which consuming leaves alone (and
+    the session rewrites only after this round's F2A let its combine run)."""
+    mb = (int(ctx.ffn.polling_index) - 1) % m
+    if snapshot:
+        sessions = np.unique(batch.session_ids[:int(batch.actual_token_num[0])]).tolist()
+    else:
+        sessions = range(records.shape[0])
+    return [(s, mb, int(records[s, mb, 1])) for s in sessions]

@@ -297,7 +297,8 @@ class RunMemory:
         return {role: int(status[i][STATUS["fault_ns"]]) for role, i in self.role_index.items()}
 
     def expert_rank_table(self) -> np.ndarray:
-        """[L, E+1, 1+2*F] int32: per expert [count, rank_0, local_0, ...]; local id = layer*n_local + j."""
+        """[L, E+1, 1+2*F] int32: per expert [count, rank_0, local_0, ...]; local id = layer*n_local + j, or j alone
+        with the snapshot receive (950 async), whose batching adds layer*n_local itself from the record's layer."""
         c = self.cfg
         width = 1 + 2 * c.ffn_ranks
         table = np.zeros((c.layers, c.expert_num, width), dtype=np.int32)
@@ -308,7 +309,8 @@ class RunMemory:
                 table[layer, e, 0] = len(ranks)
                 for i, f in enumerate(ranks):
                     table[layer, e, 1 + 2 * i] = f
-                    table[layer, e, 2 + 2 * i] = layer * len(local[f]) + local[f].index(e)
+                    table[layer, e, 2 + 2 * i] = (0 if c.snapshot_receive else layer * len(local[f])) \
+                        + local[f].index(e)
         return table
 
     @property

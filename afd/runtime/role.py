@@ -26,8 +26,9 @@ SAMPLE_CAP = 100_000  # latency samples kept per metric and role
 
 # Waits that are usually the consequence of a stall elsewhere get twice the watchdog time, so the first report
 # names the cause: a role's wait on its own session stream, and an FFN rank waiting for work (attention drives
-# the pipeline, so the FFN side starves whenever the attention side is stuck on a lost F2A flag).
-DOWNSTREAM_WAITS = frozenset({"ffn_worker_scheduler_"})
+# the pipeline, so the FFN side starves whenever the attention side is stuck on a lost F2A flag). On 950 the FFN rank
+# waits for work inside FfnWorkerBatching V2's receive (on A3 that op never waits: the scheduler has waited).
+DOWNSTREAM_WAITS = frozenset({"ffn_worker_scheduler_", "ffn_worker_batching"})
 
 
 def _stall_factor(waiting: Waiting) -> float:
