@@ -255,7 +255,7 @@ def mx_quantize(rows: np.ndarray, quant_mode: int) -> tuple[np.ndarray, np.ndarr
         p = _round_bf16(p)
     bound = np.float32(MX_ELEMENT_MAX[element])
     codes = np.clip(p, -bound, bound).astype(element).view(np.uint8)
-    codes = np.where((scale == 255)[:, :, None], np.uint8(MX_NAN_CODE[element]), codes).reshape(n, -1)[:, :h]
+    codes = np.where((scale == 255)[:, :, None], np.uint8(MX_NAN_CODE[element]), codes).reshape(n, x.shape[1] * MX_BLOCK)[:, :h]
     if element == FP4_E2M1:
         codes = _pack_fp4(codes)
     return np.ascontiguousarray(codes), scale

@@ -357,6 +357,12 @@ def test_fp4_packs_the_even_element_in_the_low_nibble():
     assert scales.tolist() == [[127]] and payload.tolist() == [[0x26, 0x0F]]
 
 
+@pytest.mark.parametrize("mode", [0, 2, 3, 4, 5, 6, 7])
+def test_no_rows_encode_to_no_rows(mode):
+    out = tokens.encode_rows(np.zeros((0, 40), ml_dtypes.bfloat16), mode, "950")
+    assert out.shape == (0, tokens.QUANT_MODES[mode].row_format(tokens.BF16).row_bytes(40, "950"))
+
+
 def test_mx_quantize_refuses_non_mx_modes_and_dtypes():
     with pytest.raises(ValueError, match="not an MX mode"):
         tokens.mx_quantize(np.zeros((1, 32), np.float16), 2)
