@@ -10,10 +10,8 @@ import types
 
 import torch
 
-OPS = ("npu_attention_worker_combine", "npu_ffn_to_attention", "npu_attention_to_ffn", "npu_ffn_worker_batching",
-       "attention_worker_scheduler_", "attention_worker_scheduler", "ffn_worker_scheduler_", "ffn_worker_scheduler")
-AFD_BOUND = ("attention_worker_scheduler_", "attention_worker_scheduler", "ffn_worker_scheduler_",
-             "ffn_worker_scheduler")  # torch_npu/utils/_afd_ops.py binds these onto torch_npu._afd
+from ..ops import catalog
+
 VERSION = "2.14.0"
 
 
@@ -32,15 +30,17 @@ def build() -> types.ModuleType:
     mod.__afd_fake__ = True
     mod.__version__ = VERSION
     mod.__path__ = []  # a package, so `import torch_npu._afd` finds the submodule in sys.modules
-    for name in OPS:
+    ops = catalog.entries(catalog.NPU)
+    for name in ops:
         setattr(mod, name, getattr(torch.ops.npu, name))
     mod.npu = torch.npu
     afd = _FakeModule("torch_npu._afd", holder.__doc__)
     afd.__afd_fake__ = True
     afd.create_schedule_context_holder = holder.create_schedule_context_holder
     afd.ScheduleContextHolder = holder.ScheduleContextHolder
-    for name in AFD_BOUND:
-        setattr(afd, name, getattr(torch.ops.npu, name))
+    for name, (_, entry) in ops.items():
+        if entry.bound_to_afd:  # torch_npu/utils/_afd_ops.py binds the schedulers onto torch_npu._afd
+            setattr(afd, name, getattr(torch.ops.npu, name))
     mod._afd = afd
     return mod
 

@@ -41,7 +41,7 @@ class TorchrunResult:
         return self.ranks[r]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -76,7 +76,7 @@ class TorchrunJob:
                 "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(self.nproc)]
         if self.nnodes == 1:
             return [base + ["--standalone", self.script, *self.args]]
-        port = _free_port()
+        port = free_port()
         return [base + ["--nnodes", str(self.nnodes), "--node-rank", str(i), "--master-addr", "127.0.0.1",
                         "--master-port", str(port), self.script, *self.args] for i in range(self.nnodes)]
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _dlpack
 
+from .. import tokens
 from .memory import ROUND, memory
 
 KDL_CPU = 1
@@ -68,7 +69,8 @@ def _npu_from_numpy(arr: np.ndarray, dtype: torch.dtype, index: int) -> torch.Te
     ctypes.memmove(head + _DEVICE_AT, device, 8)
     if dtype is torch.bfloat16:
         ctypes.memmove(head + _DTYPE_AT, _BF16_CODE, 1)
-    return torch._C._from_dlpack(capsule)
+    t = torch._C._from_dlpack(capsule)
+    return t.view(dtype) if t.dtype != dtype else t  # (the fp8 / fp4 types come in as their bytes)
 
 
 def is_npu(t: torch.Tensor) -> bool:
@@ -142,14 +144,17 @@ def host_strided(size, stride, dtype: torch.dtype) -> torch.Tensor:
     arr = _host_array(size, stride, dtype)
     if arr is not None:
         t = torch.from_numpy(arr)
-        return t.view(dtype) if dtype == torch.bfloat16 else t
+        return t.view(dtype) if t.dtype != dtype else t
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     return torch.as_strided(host_block(_extent(size, stride) * itemsize(dtype)).view(dtype), size, stride)
 
 
 _FROM_NUMPY = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float32: np.float32,
                torch.float64: np.float64, torch.int8: np.int8, torch.uint8: np.uint8, torch.int16: np.int16,
-               torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_}
+               torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_,
+               # the 950's quantised payloads and MX scales: bytes that torch.from_numpy can import
+               torch.float8_e5m2: np.uint8, torch.float8_e4m3fn: np.uint8, torch.float8_e8m0fnu: np.uint8,
+               torch.float4_e2m1fn_x2: np.uint8}
 
 
 def empty_strided(size, stride, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
@@ -246,8 +251,9 @@ def _together_plan(shapes, dtypes):
     for shape, dtype in zip(shapes, dtypes):
         size = tuple(int(s) for s in shape)
         n = math.prod(size) * itemsize(dtype)
+        np_dtype = _np_dtype(dtype)
         parts.append((total, total + n, size, dtype, _FROM_NUMPY[dtype],
-                      _np_dtype(dtype) if dtype == torch.bfloat16 else None))
+                      np_dtype if np_dtype != np.dtype(_FROM_NUMPY[dtype]) else None))
         total += max(ROUND, (n + ROUND - 1) // ROUND * ROUND)
     if len(_together) > 256:
         _together.clear()
@@ -266,20 +272,23 @@ def to_npu_copy(r: torch.Tensor, index: int) -> torch.Tensor:
         out.copy_(r)
         return as_npu(out, index)
     cpu = torch.from_numpy(arr)
-    (cpu.view(r.dtype) if r.dtype == torch.bfloat16 else cpu).copy_(r)
+    (cpu.view(r.dtype) if cpu.dtype != r.dtype else cpu).copy_(r)
     return _npu_from_numpy(arr, r.dtype, index)
 
 
 _views: dict[tuple, np.ndarray] = {}
 _NP_DTYPES: dict = {}
+_TOKEN_NAMES = {name: dtype for dtype, name in tokens.DTYPE_NAMES.items()}
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
     d = _NP_DTYPES.get(dtype)
     if d is None:
-        if dtype == torch.bfloat16:
-            import ml_dtypes
-            d = np.dtype(ml_dtypes.bfloat16)
+        name = str(dtype).removeprefix("torch.")
+        if dtype == torch.float4_e2m1fn_x2:
+            d = np.dtype(np.uint8)  # two fp4 values per byte, as the window and the real tensor keep them
+        elif name in _TOKEN_NAMES:
+            d = _TOKEN_NAMES[name]  # bfloat16 and the fp8 types (ml_dtypes)
         else:
             d = torch.empty(0, dtype=dtype).numpy().dtype
         _NP_DTYPES[dtype] = d
