@@ -1,4 +1,5 @@
-"""The fake Ascend NPU for PyTorch: `install()` gives `torch.npu`, the `npu` device, and `torch_npu` with its AFD ops.
+"""The fake Ascend NPU for PyTorch: `install()` gives `torch.npu`, the `npu` device, `torch_npu` with its AFD ops, and
+`cann_ops_transformer` (the 950's V2 window operators) on import.
 
 Nothing happens on import: a real torch_npu is never hidden unless asked. `afd npu -- COMMAND` asks for the
 command and every process it starts (AFD_NPU=1 and a `torch_npu` package first on PYTHONPATH); in Python,
@@ -6,6 +7,8 @@ command and every process it starts (AFD_NPU=1 and a `torch_npu` package first o
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
 import threading
@@ -48,8 +51,38 @@ def install() -> None:
         operators.install()
         hccl.install()
         api.install_modules()
+        _offer_cann_ops_transformer()
         _clean_up_at_exit()
         _done = True
+
+
+COT = "cann_ops_transformer"
+
+
+class _CotFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves `import cann_ops_transformer` with the fake's package, built on first import. It sits last on
+    sys.meta_path, so a real cann_ops_transformer on sys.path is found first and never hidden."""
+
+    def find_spec(self, name, path, target=None):
+        if name in (COT, f"{COT}.ops"):
+            return importlib.util.spec_from_loader(name, self, is_package=name == COT)
+        return None
+
+    def create_module(self, spec):
+        from . import cot
+        pkg = cot.build()
+        return pkg if spec.name == COT else pkg.ops
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def _offer_cann_ops_transformer() -> None:
+    loaded = sys.modules.get(COT)
+    if loaded is not None and not getattr(loaded, "__afd_fake__", False):
+        return  # a real one is already imported: it stays
+    if not any(isinstance(f, _CotFinder) for f in sys.meta_path):
+        sys.meta_path.append(_CotFinder())
 
 
 def _clean_up_at_exit() -> None:

@@ -1,7 +1,8 @@
 """The torch.npu module of the fake NPU: devices, the current device and stream, synchronize, memory figures.
 
 AFD_NPU_DEVICE_COUNT sets how many devices there are (default 8, like an A3 node's dies per process view) and
-AFD_NPU_SOC_NAME what get_device_name() says (default Ascend910_9392, an A3).
+AFD_NPU_SOC_NAME what get_device_name() says (default Ascend910_9392, an A3; Ascend950PR_9599 once a job imports
+cann_ops_transformer). The SoC picks the operators' generation: the 950's V2 window path exists only on Ascend950*.
 """
 from __future__ import annotations
 
@@ -103,9 +104,29 @@ class device:
         _current.device = self.before
 
 
+V2_SOC_NAME = "Ascend950PR_9599"  # an Ascend 950 die: the default once a job imports cann_ops_transformer
+_default_soc = DEFAULT_SOC_NAME
+
+
+def soc_name() -> str:
+    return os.environ.get("AFD_NPU_SOC_NAME", _default_soc)
+
+
+def default_to_950() -> None:
+    """A job that imports cann_ops_transformer runs on a 950 unless AFD_NPU_SOC_NAME (afd npu --soc) says otherwise:
+    the V2 window operators exist only there."""
+    global _default_soc
+    _default_soc = V2_SOC_NAME
+
+
+def generation() -> str:
+    """The operators' generation this SoC runs: "950" for an Ascend950* die, else "A3"."""
+    return "950" if soc_name().startswith("Ascend950") else "A3"
+
+
 def get_device_name(device=None) -> str:
     _device_index(device)
-    return os.environ.get("AFD_NPU_SOC_NAME", DEFAULT_SOC_NAME)
+    return soc_name()
 
 
 def get_device_properties(device=None):

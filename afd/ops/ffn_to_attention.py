@@ -35,13 +35,17 @@ def _in_range(name: str, values: np.ndarray, lo: int, hi: int) -> None:
 
 
 def check_ffn_to_attention_host(x, ids: dict, actual_token_num, group, world_size, token_info_table_shape,
-                                token_data_shape, attn_rank_table, generation: str = "A3"
-                                ) -> tuple[int, int, int, int, int]:
+                                token_data_shape, attn_rank_table, generation: str = "A3",
+                                ccl_buffer_size: int | None = None) -> tuple[int, int, int, int, int]:
     """The aclnn and tiling checks (dtypes, shapes, attributes: nothing in device memory); returns
     (Y, M, BS, K+1, HS). generation "950" (FFNToAttentionV2's tiling): M >= 1, K+1 in [1, 256] always, the
     attn_rank_table length in [1, world_size) and H <= HS with V2's messages; BS, H and HS ranges in strict mode
-    as on A3 (there is no M == 1 and no HCCL_BUFFSIZE rule on 950: its window is the caller's)."""
+    as on A3 (there is no M == 1 and no HCCL_BUFFSIZE rule on 950: its window is the caller's). ccl_buffer_size
+    (950, the buffer's) must be > 0; the real tiling also fits its layout into it with the device's core count
+    and, without a table, derives A from it: not reproduced (a CPU twin has no core count to be faithful to)."""
     check_generation(generation)
+    if ccl_buffer_size is not None and int(ccl_buffer_size) <= 0:
+        raise KernelError("ccl_buffer_size", f"actual {ccl_buffer_size}, expected greater than 0")
     for name, value in (("x", x), *ids.items(), ("actual_token_num", actual_token_num)):
         if value is None:
             raise AclnnError(name, "must not be null", ACLNN_ERR_PARAM_NULLPTR)
@@ -137,12 +141,13 @@ def _check_tiling_950(attn_rank_table, world_size: int, h: int, bs: int, k1: int
 
 
 def check_ffn_to_attention(x, ids: dict, actual_token_num, group, world_size, token_info_table_shape,
-                           token_data_shape, attn_rank_table, generation: str = "A3"):
+                           token_data_shape, attn_rank_table, generation: str = "A3",
+                           ccl_buffer_size: int | None = None):
     """The host checks, then the (sim-only) kernel-side checks of the values; returns
     (n, M, BS, K1, HS, dst ranks, slots)."""
     y_cap, m, bs, k1, hs = check_ffn_to_attention_host(x, ids, actual_token_num, group, world_size,
                                                        token_info_table_shape, token_data_shape, attn_rank_table,
-                                                       generation)
+                                                       generation, ccl_buffer_size)
     world_size = int(world_size)
     # Kernel side: the real kernel trusts these; out-of-range ids would scribble over other slots.
     n = int(actual_token_num[0])
@@ -201,7 +206,7 @@ def _slots_950(ids: dict, n: int, attn_rank_table, m: int, bs: int, k1: int, wor
 
 def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets, actual_token_num, group,
                      world_size: int, token_info_table_shape, token_data_shape, attn_rank_table=None, *,
-                     generation: str = "A3") -> dict:
+                     generation: str = "A3", ccl_buffer_size: int | None = None) -> dict:
     """Send rows [0, actual_token_num) of x to their attention ranks: slot data first, then slot flag = 1.
     Returns {attention rank: [micro-batch ids it got rows of]}.
 
@@ -222,7 +227,8 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
     actual_token_num = None if actual_token_num is None else np.asarray(actual_token_num)
     table = None if attn_rank_table is None else np.asarray(attn_rank_table)
     n, m, bs, k1, hs, dst, slots = check_ffn_to_attention(x, ids, actual_token_num, group, world_size,
-                                                          token_info_table_shape, token_data_shape, table, generation)
+                                                          token_info_table_shape, token_data_shape, table, generation,
+                                                          ccl_buffer_size)
     sent: dict[int, list[int]] = {}
     if n == 0:
         return sent
