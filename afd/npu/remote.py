@@ -49,12 +49,13 @@ class WindowServerThread:
         self.sock = control.socket(_context(), zmq.ROUTER, rcvhwm=100000, router_mandatory=0)
         self.endpoint = control.bind(self.sock, f"tcp://{bind}:0").replace("0.0.0.0", advertise)
         self.server = WindowServer({int(address): LocalRegion(memory, int(address), int(size))})
+        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="npu window server", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        while True:
-            try:
+        try:
+            while not self._stop.is_set():
                 if self.sock.poll(100):
                     for _ in range(1000):
                         try:
@@ -62,8 +63,15 @@ class WindowServerThread:
                         except zmq.Again:
                             break
                         self.server.handle(self.sock, frames)
-            except zmq.ZMQError:  # the context went away at exit
-                return
+        except zmq.ZMQError:  # the context went away at exit
+            return
+        self.sock.close()  # (by the thread that used it)
+        self.server = None
+
+    def close(self) -> None:
+        """Stop serving (the window is released): the thread closes its socket and ends."""
+        self._stop.set()
+        self.thread.join(2.0)
 
 
 class PerThreadRemoteWindow:
@@ -73,14 +81,23 @@ class PerThreadRemoteWindow:
         self.info = info
         self.size = int(info["size"])
         self._local = threading.local()
+        self._links: list[AgentLink] = []
 
     def _win(self) -> RemoteWindow:
         win = getattr(self._local, "win", None)
         if win is None:
-            me = f"npu-{os.getpid()}-{threading.get_ident()}"
+            me = f"npu-{os.getpid()}-{threading.get_ident()}-{id(self)}"
             link = AgentLink(_context(), self.info["endpoint"], None, me, self.info["host"])
+            self._links.append(link)
             win = self._local.win = RemoteWindow(link, int(self.info["address"]), self.size)
         return win
+
+    def close(self) -> None:
+        """The window is released: close every thread's connection (no writer uses them any more)."""
+        for link in self._links:
+            link.sock.close()
+        self._links.clear()
+        self._local = threading.local()
 
     def put_rows(self, offset, stride, index, rows):
         self._win().put_rows(offset, stride, index, rows)
