@@ -209,3 +209,70 @@ def test_each_fault_kind_ends_as_documented(kind, tmp_path, dev):
         same = [bool((bf16(g).view(np.uint16) == w.view(np.uint16)).all()) for g, w in zip(got, want)]
         # a straggler changes nothing; flags before data make the second step's combine read stale data
         assert same == ([True, True, True] if kind == "delay" else [True, False, True])
+
+
+wc = load("window_connector")  # (imports cann_ops_transformer: the fake's, served by afd.npu.install())
+
+
+def reference_window_connector(argv: list[str]) -> list[list[list[np.ndarray]]]:
+    """window_connector.py's attention outputs [session][step][micro-batch], computed here: the same gate and
+    experts, the 950's int8 quantisation of the A2F payload (afd.tokens), the combine's fp32 sum in k order."""
+    from afd.model import combine_reference
+    from afd.tokens import BF16, quantize_int8
+    a = wc.parse_args(argv)
+    attn_w, router = wc.weights(a)
+    out = []
+    for session in range(a.attention):
+        steps = []
+        for step in range(a.steps):
+            h = [wc.inputs(a, session, step, mb) for mb in range(a.micro_batches)]
+            for layer in range(a.layers):
+                for mb in range(a.micro_batches):
+                    x = wc.attention(attn_w[layer], h[mb])
+                    ids, w = wc.gate(a, router[layer], x)
+                    scale = None
+                    rows = x
+                    if a.quant_mode == 2:
+                        q, s = quantize_int8(x.float().numpy(), "950")
+                        rows, scale = torch.from_numpy(q), torch.from_numpy(s)
+                    experts = [[int(e) for e in ids[:, k]] for k in range(a.topk)] + [[a.experts] * len(x)]
+                    data = torch.stack([wc.expert_rows(rows, scale, torch.tensor(
+                        [wc.factor(layer, e) for e in col], dtype=torch.float32)) for col in experts], dim=1)
+                    y = combine_reference(bf16(data), w.numpy(), BF16)
+                    y_t = torch.from_numpy(y.view(np.int16).copy()).view(torch.bfloat16)
+                    h[mb] = (h[mb].float() + y_t.float()).to(torch.bfloat16)
+            steps.append([bf16(t) for t in h])
+        out.append(steps)
+    return out
+
+
+CONNECTOR_RUNS = {
+    "A1-F3-async-M2-quant0-idle-rank": ["--attention", "1", "--ffn", "3", "--mode", "async", "--micro-batches", "2",
+                                        "--quant-mode", "0", "--idle-rank", "2"],
+    "A2-F2-sync-M1-quant2": ["--attention", "2", "--ffn", "2", "--mode", "sync", "--micro-batches", "1",
+                             "--quant-mode", "2", "--active", "16,9,3,1"],
+    "A2-F3-async-M2-quant2": ["--attention", "2", "--ffn", "3", "--mode", "async", "--micro-batches", "2",
+                              "--quant-mode", "2", "--layers", "2"],
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("argv", CONNECTOR_RUNS.values(), ids=CONNECTOR_RUNS.keys())
+def test_the_window_connector_job_equals_the_reference(argv, afd_torchrun, tmp_path):
+    a = wc.parse_args(argv)
+    from afd.npu.launch import free_port
+    result = afd_torchrun(HERE / "window_connector.py", *argv, "--port", free_port(), "--out", tmp_path,
+                          nproc=a.attention + a.ffn)
+    assert result.returncode == 0, result.output[-4000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1 for the ranks: the gate's matmul sums alike
+    try:
+        want = reference_window_connector(argv)
+    finally:
+        torch.set_num_threads(threads)
+    for session in range(a.attention):
+        got = torch.load(tmp_path / f"session{session}.pt")
+        for step, (g_step, w_step) in enumerate(zip(got, want[session])):
+            for mb, (g, w) in enumerate(zip(g_step, w_step)):
+                same = bf16(g).view(np.uint16) == w.view(np.uint16)
+                assert same.all(), f"session {session} step {step} mb {mb}: {int((~same).sum())} values differ"
