@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, \
-    model_validator
+    field_validator, model_validator
 
 from .inputs import CONFIG_CAP, InputError, read_text
 from .errors import ConfigError
@@ -89,6 +89,12 @@ class Config(_Strict):
     control: ControlConfig = ControlConfig()
     hosts: dict[StrictStr, HostConfig] | None = None
     faults: list[StrictStr] = []
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _generation_name(cls, value: Any) -> Any:
+        """`generation: 950` (YAML, `--set generation=950`) reads as the number 950: the name "950"."""
+        return str(value) if type(value) is int else value
 
     @model_validator(mode="after")
     def _rules(self) -> "Config":

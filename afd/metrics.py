@@ -102,8 +102,8 @@ def compute(events, cfg) -> dict:
             for k in keys:
                 a2f_t0[k] = e.t0
         elif e.name == "ffn_worker_batching":
-            for k in keys:
-                ffn_in[(e.role, k)] = e.t0
+            for k in keys:  # (on 950 the op receives, so it waits inside: the work arrived when the wait ended)
+                ffn_in[(e.role, k)] = e.t0 + inner.get(i, 0)
         elif e.name == "ffn_to_attention":
             for k in keys:
                 f2a_t0[k] = max(f2a_t0[k], e.t0)

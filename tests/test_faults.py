@@ -1,9 +1,10 @@
-"""Every fault kind ends as documented on a minimal and a multi-session config, and leaves nothing behind."""
+"""Every fault kind ends as documented on a minimal, a multi-session and the Ascend 950 config, and leaves nothing behind."""
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,9 @@ from afd.runtime.pipeline import Pipeline
 
 MINIMAL = {"name": "t-minimal", "steps": 3}
 MULTI = {"name": "t-multi", "sessions": 2, "ffn_ranks": 2, "micro_batch_num": 3, "steps": 3}
+# Ascend 950 (configs/ascend950.yaml's path: V2 operators, the FFN ranks' snapshot receive), shorter
+ASCEND950 = {**load(Path(__file__).resolve().parents[1] / "configs" / "ascend950.yaml").model_dump(exclude_none=True),
+             "name": "t-ascend950", "steps": 3}
 
 
 def assert_nothing_left(pipeline):
@@ -50,7 +54,7 @@ CASES = [
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("cfg", [MINIMAL, MULTI], ids=["minimal", "multi"])
+@pytest.mark.parametrize("cfg", [MINIMAL, MULTI, ASCEND950], ids=["minimal", "multi", "ascend950"])
 @pytest.mark.parametrize("spec,outcome,code,kind", CASES, ids=[c[0] for c in CASES])
 def test_fault_ends_as_documented(cfg, spec, outcome, code, kind):
     if cfg is MULTI and spec.startswith(("stop@t", "delay", "corrupt:combine0")):

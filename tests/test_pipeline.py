@@ -82,7 +82,7 @@ def controller_status(endpoint: str) -> dict:
 
 def test_configs_are_shipped():
     names = {p.stem for p in CONFIGS}
-    assert {"minimal", "deepseek", "async", "masked", "fused", "multi"} <= names
+    assert {"minimal", "deepseek", "async", "masked", "fused", "multi", "ascend950"} <= names
 
 
 @pytest.mark.timeout(120)

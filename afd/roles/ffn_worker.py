@@ -194,16 +194,23 @@ def _receive_v2(rt, ctx, records, expert_num: int, place, batch):
     (need_schedule=1, sync_flag=True, layer_num=L) takes the sessions whose header is set in one micro-batch and
     regroups their ids by the record's layer; sync mode: its wait-all receive (layer_num=0, the table's ids already
     per layer). The round is known once the op returned; its faults fire then (a corrupt field meets the next
-    receive's own check). (t0 = the end of the op's wait, units, batch), or None when stopped while waiting."""
+    receive's own check). (t0 = the end of the op's wait, units, batch), or None when stopped while waiting. The
+    trace's wait inside the op ends when its last idle returned (the policy's own bound ends before a yield, which
+    is when the attention side, given the core, sends), so the a2f hop ends where the work arrived."""
     cfg, mem = rt.cfg, rt.mem
     snapshot = cfg.snapshot_receive
+    waits = rt.waits
+
+    def idle(waiting) -> None:
+        rt.idle(waiting)
+        waits.wait_last = time.perf_counter_ns()  # the wait lasts until here: a yield the attention side used counts
+
     try:
-        with rt.op("ffn_worker_batching") as span:
+        with rt.op("ffn_worker_batching", {"units": []}) as span:  # (no units: a receive that was stopped)
             batch = ffn_worker_batching(ctx, expert_num, [cfg.sessions, cfg.micro_batch_size, cfg.selected,
                                                           cfg.hidden_size], token_dtype=mem.token_dtype_code,
                                         need_schedule=1, layer_num=cfg.layers if snapshot else 0,
-                                        sync_flag=snapshot, generation="950", idle=rt.idle, out=batch)
-            waits = rt.waits
+                                        sync_flag=snapshot, generation="950", idle=idle, out=batch)
             t0 = waits.wait_last if waits.wait_start >= span.t0 else span.t0
             keys = _round_keys(ctx, records, batch, cfg.micro_batch_num, snapshot)
             if not keys:  # a snapshot whose every slot was masked (a bad layer word): nothing to compute or send
