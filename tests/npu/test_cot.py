@@ -145,3 +145,41 @@ def test_the_a2f_and_f2a_meta_checks_speak_as_the_real_ones():
         torch.ops.cann_ops_transformer.npu_ffn_to_attention(
             ctx, torch.empty(4, 8, dtype=torch.bfloat16, **meta), *(torch.empty(4, **i32) for _ in range(4)),
             torch.empty(1, dtype=torch.int64, **meta), "g", 3, [1, 4, 3], [1, 4, 3], 1 << 21)
+
+
+@pytest.mark.parametrize("token_dtype, quant_mode", [(2, 3), (3, 4), (4, 5)])
+def test_the_950_combine_dequantises_mx_slots_through_torch_npu(token_dtype, quant_mode, monkeypatch):
+    """torch_npu.npu_attention_worker_combine on a 950 die: packed MX rows in the attention window, E8M0 scales as
+    a float8_e8m0fnu tensor, y bf16 = the sum of the dequantised K+1 slots (afd.tokens' arithmetic, in k order)."""
+    import numpy as np
+    import torch_npu
+
+    from afd.npu.tensors import numpy_of
+    from afd.tokens import BF16, QUANT_MODES, mx_dequantize, mx_quantize
+    from npu_helpers import attention_side
+
+    monkeypatch.setenv("AFD_NPU_SOC_NAME", "Ascend950PR_9599")
+    side = attention_side(M=2, BS=3, K=2, H=64)
+    k1, h, mb = side.K + 1, side.H, 0
+    element = QUANT_MODES[quant_mode].element
+    rows = (torch.randn(side.BS * k1, h, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
+    payload, scales = mx_quantize(rows.view(torch.int16).numpy().view(BF16), quant_mode)
+    row_bytes = payload.shape[1]
+    window = numpy_of(side.window).view(np.uint8)
+    start = 512 + mb * side.BS * k1 * row_bytes  # the combine reads packed rows after align512(flags)
+    window[start:start + payload.size] = payload.reshape(-1)
+    side.flags[mb] = 1
+    s = scales.shape[1] + scales.shape[1] % 2
+    e8m0 = np.zeros((side.BS, k1, s), np.uint8)
+    e8m0[:, :, :scales.shape[1]] = scales.reshape(side.BS, k1, -1)
+    expert_scales = torch.from_numpy(e8m0).view(torch.float8_e8m0fnu).npu()
+    y, _ = torch_npu.npu_attention_worker_combine(side.context, expert_scales, torch.zeros(1, dtype=torch.int32).npu(),
+                                                  h, token_dtype=token_dtype, need_schedule=1)
+    values = mx_dequantize(payload, scales, element, h).reshape(side.BS, k1, h)
+    acc = np.zeros((side.BS, h), np.float32)
+    for k in range(k1):
+        acc = acc + values[:, k]
+    want = acc.astype(BF16)
+    got = y.cpu().view(torch.int16).numpy()
+    assert (got == want.view(np.int16)).all()
+    assert y.dtype == torch.bfloat16 and tuple(y.shape) == (side.BS, h)
