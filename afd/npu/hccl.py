@@ -100,12 +100,26 @@ class _Exposure:
         self.pg._store.set(self.key(self.pg.rank()), json.dumps(info))
 
     def map(self, peers) -> None:
+        """Map the peers' windows, then wait until each peer has mapped its own peers: an exchange is collective,
+        so no rank returns (and may exit, taking its memfd with it) while another still has to open its window.
+        A failure is published in this rank's place, so the peers raise at once instead of waiting."""
+        done = WINDOW_KEY.format(tag=self.tag, rank=f"mapped/{self.pg.rank()}")
+        try:
+            for p in peers:
+                if p not in self.peers:
+                    self.peers[p] = self._map_peer(p, self._read(self.key(p), p, "expose its window"))
+        except BaseException as exc:
+            self.pg._store.set(done, json.dumps({"error": str(exc)}))
+            raise
+        self.pg._store.set(done, "{}")
         for p in peers:
-            if p not in self.peers:
-                info = json.loads(self.pg._get(self.key(p)))
-                if "error" in info:
-                    raise WindowError("group", f"rank {p} could not expose its window: {info['error']}")
-                self.peers[p] = self._map_peer(p, info)
+            self._read(WINDOW_KEY.format(tag=self.tag, rank=f"mapped/{p}"), p, "map its peers' windows")
+
+    def _read(self, key: str, rank: int, what: str) -> dict:
+        info = json.loads(self.pg._get(key))
+        if "error" in info:
+            raise WindowError("group", f"rank {rank} could not {what}: {info['error']}")
+        return info
 
     def _map_peer(self, rank: int, info: dict) -> dict:
         if info["host"] == host_id():

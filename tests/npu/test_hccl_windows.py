@@ -191,3 +191,15 @@ def test_three_ranks_on_one_host_expose_plain_tensors_as_windows(afd_torchrun):
 def test_two_nodes_reach_each_others_windows_through_the_window_transport(afd_torchrun):
     result = afd_torchrun(SCRIPT, _free_port(), nproc=2, nnodes=2)
     _check_ranks(result, 4, {0: [2, 3], 1: [2, 3], 2: [0, 1], 3: [0, 1]})
+
+
+@pytest.mark.timeout(240)
+def test_a_crash_or_sigterm_with_windows_exposed_leaves_nothing_behind(afd_torchrun):
+    """The ranks end (torchrun ends the waiting one), and the fixture finds no process and no listing left; the
+    windows were memfds, which the kernel frees with their last process."""
+    result = afd_torchrun(HERE / "scripts" / "window_crash.py", nproc=3)
+    assert result.returncode != 0 and not result.timed_out
+    for rank in range(3):
+        assert "exchanged [0, 1, 2]" in result.ranks[rank].output.splitlines(), result.output[-3000:]
+    assert "RuntimeError: rank 1 crashes with its window exposed" in result.ranks[1].output
+    assert all(result.ranks[r].exit_code != 0 for r in range(3))  # (which signal or code each got is a race)
