@@ -59,3 +59,6 @@ def test_bench_quick_json_has_every_figure():
     assert total["bytes"] == sum(STAGE_BYTES.values()) == 52_337_664
     assert total["ms"] >= max(row["ms"] for row in stages)
     assert result["details"]["stages"]["checked"] == 2  # two micro-batch layers matched the reference layer
+    rt = result["round_trip"]  # the window round trip with the V1 (A3) and the V2 (950) operators, same shape
+    assert rt["v1_ms"] > 0 and rt["v2_ms"] > 0 and rt["v2_vs_v1"] == pytest.approx(rt["v2_ms"] / rt["v1_ms"])
+    assert rt["v2_checked"] == 2

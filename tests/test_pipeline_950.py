@@ -111,3 +111,16 @@ def test_expert_rank_table_per_layer(generation, mode, encoded):
     local_count = np.array([len(cfg.experts_on(e % 2)) for e in range(cfg.expert_num)])
     for layer in range(3):
         assert (table[layer, :, 2] == plain + (layer * local_count if encoded else 0)).all()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_v2_round_trip_in_one_process_matches_the_reference_layer(mode):
+    """afd bench's V2 round trip (afd.bench.stages on 950): the V2 operators in sequence, no FFN scheduler stage; its
+    loop compares the combine output with the reference layer (and raises when a receive would have to wait)."""
+    from afd.bench import stages
+    result = stages.measure_stages(repeats=3, generation="950", mode=mode, hidden_size=1024, micro_batch_size=8)
+    assert result["generation"] == "950" and result["checked"] == 2
+    rows = {row["name"]: row for row in result["rows"]}
+    assert rows["ffn_worker_scheduler_"]["ms"] < 0.05  # (not run: the stage is the two clock reads around nothing)
+    assert result["round_trip_ms"] >= rows["ffn_worker_batching"]["best_ms"] > 0

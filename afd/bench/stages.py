@@ -39,6 +39,7 @@ from .pipeline import bench_config
 STAGES = ("attention", "gate", "attention_to_ffn", "ffn_worker_scheduler_", "ffn_worker_batching", "experts",
           "ffn_to_attention", "attention_worker_scheduler_", "attention_worker_combine")
 WARMUP = 2
+ROUND_TRIP = STAGES[2:]  # the window round trip: attention_to_ffn ... attention_worker_combine
 
 
 def stage_bytes(cfg) -> dict[str, int]:
@@ -91,6 +92,7 @@ def _micro_batch_layers(cfg, mem, timed: int, copies: dict) -> tuple[dict[str, l
     code = mem.token_dtype_code
     a_, m_, bs, k1, h = cfg.sessions, cfg.micro_batch_num, cfg.micro_batch_size, cfg.selected, cfg.hidden_size
     slots = bs * k1
+    v2, snapshot = cfg.generation == "950", cfg.snapshot_receive
     local = cfg.experts_on(0)
     expert_num = max(1, len(local)) * cfg.layers
     attn_rank_table = np.array([cfg.attention_rank(0)], np.int32)
@@ -115,25 +117,33 @@ def _micro_batch_layers(cfg, mem, timed: int, copies: dict) -> tuple[dict[str, l
         ids, scales = model.gate(layer, a)
         stamps.append(clock())
         attention_to_ffn(a[None], session, np.array([m], np.int32), lid, ids[None], table, group=group,
-                         world_size=cfg.world_size, moe_expert_num=cfg.routed_experts, sync_flag=0,
-                         ffn_start_rank_id=0, rank=cfg.attention_rank(0), idle=_not_ready, **ffn_shapes)
+                         world_size=cfg.world_size, moe_expert_num=cfg.routed_experts, sync_flag=int(snapshot),
+                         ffn_start_rank_id=0, rank=cfg.attention_rank(0), idle=_not_ready,
+                         generation=cfg.generation, **ffn_shapes)
         stamps.append(clock())
-        ffn_worker_scheduler_(ffn_ctx, a_, idle=_not_ready)
+        if not v2:  # (950 has no FFN scheduler: V2 batching receives itself, a stage of 0 here)
+            ffn_worker_scheduler_(ffn_ctx, a_, idle=_not_ready)
         stamps.append(clock())
-        batch = ffn_worker_batching(ffn_ctx, expert_num, [a_, bs, k1, h], token_dtype=code, need_schedule=0)
+        if v2:
+            batch = ffn_worker_batching(ffn_ctx, expert_num, [a_, bs, k1, h], token_dtype=code, need_schedule=1,
+                                        layer_num=cfg.layers if snapshot else 0, sync_flag=snapshot,
+                                        generation="950", idle=_not_ready)
+        else:
+            batch = ffn_worker_batching(ffn_ctx, expert_num, [a_, bs, k1, h], token_dtype=code, need_schedule=0)
         stamps.append(clock())
         n = int(batch.actual_token_num[0])
         out = run_experts(model, local, batch, batch.y[:n])  # (in place, as the FFN role)
         stamps.append(clock())
         ffn_to_attention(out, batch.session_ids[:n], batch.micro_batch_ids[:n], batch.token_ids[:n],
                          batch.expert_offsets[:n], batch.actual_token_num, group, cfg.world_size, [m_, bs, k1],
-                         [m_, bs, k1, h], attn_rank_table=attn_rank_table)
+                         [m_, bs, k1, h], attn_rank_table=attn_rank_table, generation=cfg.generation)
         stamps.append(clock())
         attention_worker_scheduler_(attn_ctx, idle=_not_ready)
         stamps.append(clock())
-        y, next_layer = attention_worker_combine(attn_ctx, scales, lid, h, token_dtype=code, need_schedule=0)
+        y, next_layer = attention_worker_combine(attn_ctx, scales, lid, h, token_dtype=code, need_schedule=0,
+                                                 generation=cfg.generation)
         stamps.append(clock())
-        if ffn_ctx.ffn.out_num != a_ or n != slots or attn_ctx.attention.micro_batch_id != m \
+        if (not v2 and ffn_ctx.ffn.out_num != a_) or n != slots or attn_ctx.attention.micro_batch_id != m \
                 or int(next_layer[0]) != layer + 1:
             raise RuntimeError(f"stage benchmark, micro-batch layer {i}: out_num {ffn_ctx.ffn.out_num}, "
                                f"{n} of {slots} slots batched, micro_batch_id {attn_ctx.attention.micro_batch_id} "
@@ -185,10 +195,12 @@ def _row(name: str, nbytes: int, samples_ns: list[int], copy_samples_ns: list[in
 
 
 def measure_stages(quick: bool = False, repeats: int | None = None, **shape) -> dict:
-    """The stage table on the bench shape (SHAPE; keyword arguments override its fields, e.g. hidden_size=512):
+    """The stage table on the bench shape (SHAPE; keyword arguments override its fields, e.g. hidden_size=512;
+    generation="950" runs the V2 operators, mode="async" with the snapshot receive):
     {"rows": [{name, ms, best_ms, bytes, gb_per_s, copy_ms, copy_gb_per_s, fraction_of_copy, warm_copy_gb_per_s,
     fraction_of_warm_copy}] in data-path order,
-    "total": the same over all stages, "timed", "checked", "timing", "copy"}; ms is the median per micro-batch layer
+    "total": the same over all stages, "round_trip_ms": the median of the window round trip's stages (ROUND_TRIP) per
+    micro-batch layer, "timed", "checked", "timing", "copy"}; ms is the median per micro-batch layer
     over `repeats` micro-batch layers (quick: 40, else 300)."""
     from ..config import load
     from ..device import Device
@@ -209,10 +221,12 @@ def measure_stages(quick: bool = False, repeats: int | None = None, **shape) -> 
     rows = [_row(name, nbytes[name], times[name], copy_times[name], _warm_copy_ns(nbytes[name], timed))
             for name in STAGES]
     per_layer = [sum(layer) for layer in zip(*(times[name] for name in STAGES))]
+    round_trip = [sum(layer) for layer in zip(*(times[name] for name in ROUND_TRIP))]
     copy_per_layer = [sum(layer) for layer in zip(*(copy_times[name] for name in STAGES))]
     total_bytes = sum(nbytes.values())
     total = _row("all stages", total_bytes, per_layer, copy_per_layer, _warm_copy_ns(total_bytes, timed))
     return {"rows": rows, "total": total, "timed": timed, "warmup": WARMUP, "checked": checked,
+            "round_trip_ms": float(np.median(round_trip)) / 1e6, "generation": cfg.generation,
             "timing": f"median of {timed} micro-batch layers (after {WARMUP} warm-up ones), one process",
             "copy": "np.copyto of half the stage's bytes (reads + writes = the stage's bytes) in the same loop, once "
                     "per micro-batch layer (as cold as the stage's data), median; warm: back to back",

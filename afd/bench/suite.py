@@ -35,6 +35,8 @@ def measure(quick: bool = False, progress=None) -> dict:
     ops = bench_ops.measure(quick=quick)
     step("stages of the data path")
     stage_table = stages.measure_stages(quick=quick)
+    step("window round trip on 950 (V2 operators)")
+    round_trip = measure_round_trip(stage_table, quick)
     step("copy bound")
     copy = measure_copy_bound(repeats=10 if quick else 40)
     step("flag hop latency (default wait)")
@@ -85,6 +87,7 @@ def measure(quick: bool = False, progress=None) -> dict:
                     "stages": {k: v for k, v in stage_table.items() if k not in ("rows", "total")}},
         "ops": ops,
         "stages": stage_table["rows"],
+        "round_trip": round_trip,
         "stages_total": stage_table["total"],
         "tracing": tracing,
         "tracing_overhead": tracing["overhead"],
@@ -107,3 +110,14 @@ def measure(quick: bool = False, progress=None) -> dict:
                                    "pass": (npu.get("combine") or {}).get("pass")},
     }
     return result
+
+
+def measure_round_trip(v1: dict, quick: bool = False) -> dict:
+    """The window round trip of one micro-batch layer (attention_to_ffn ... attention_worker_combine, afd.bench.stages'
+    ROUND_TRIP) with the V1 operators (A3: the stage table `v1` just measured) and with the V2 ones (950, async: the
+    FFN rank's snapshot receive in FfnWorkerBatching V2, no FFN scheduler), on the same shape, in this run."""
+    v2 = stages.measure_stages(quick=quick, generation="950", mode="async")
+    a3_ms, v2_ms = v1["round_trip_ms"], v2["round_trip_ms"]
+    return {"v1_ms": a3_ms, "v2_ms": v2_ms, "v2_vs_v1": v2_ms / a3_ms if a3_ms else None,
+            "v2_checked": v2["checked"], "timing": v2["timing"],
+            "v2_stages": {row["name"]: row["ms"] for row in v2["rows"]}}

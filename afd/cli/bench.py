@@ -99,6 +99,8 @@ def tables(r: dict) -> list[Table]:
     tables_ = [thr, hop, tgt]
     if r.get("stages"):
         tables_.append(stage_table(r["stages"], r.get("stages_total"), d.get("stages") or {}))
+    if r.get("round_trip"):
+        tables_.append(round_trip_table(r["round_trip"]))
     npu = r.get("npu") or {}
     if "combine" in npu:
         rt, c = npu.get("round_trip") or {"round_trips_per_s": None}, npu["combine"]
@@ -113,6 +115,18 @@ def tables(r: dict) -> list[Table]:
                       f"numpy pipeline {rate:.1f} micro-batch layers/s")
         tables_.append(front)
     return tables_
+
+
+def round_trip_table(rt: dict) -> Table:
+    """The window round trip of one micro-batch layer with the V1 (A3) and the V2 (950) operators, and their ratio."""
+    table = Table(title="window round trip of one micro-batch layer, one process: V1 (A3) vs V2 (950)")
+    table.caption = (f"attention_to_ffn ... attention_worker_combine; {rt['timing']}; V2: async, FfnWorkerBatching V2's "
+                     "snapshot receive instead of the FFN scheduler + batching")
+    for col in ("operators", "ms", "vs V1"):
+        table.add_column(col, justify="left" if col == "operators" else "right")
+    table.add_row("V1 (A3)", f"{rt['v1_ms']:.3f}", "1.00x")
+    table.add_row("V2 (950)", f"{rt['v2_ms']:.3f}", _f(rt["v2_vs_v1"], "{:.2f}x"))
+    return table
 
 
 def stage_table(rows: list[dict], total: dict | None = None, info: dict | None = None) -> Table:
