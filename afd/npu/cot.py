@@ -57,48 +57,51 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 # -- the real wrappers' and pybind functions' own checks, per op ----------------------------------------------------
-def _a2f_meta_checks(a: dict) -> None:
-    """mc2/attention_to_ffn_v2/torch_extension/attention_to_ffn.py, its Meta impl's torch._check calls."""
+def _meta_checks(a: dict, x_dim: int, sizes: dict) -> None:
+    """The Meta impls' torch._check calls (mc2/*_v2/torch_extension/*.py): world_size, (A2F) moe_expert_num, x's
+    dims, the shape lists' lengths; each message ends with torch_npu's ops_error suffix."""
     sfx = _ops_error()
     _check(a["world_size"] > 0, f"world_size should be greater than 0, {sfx}.")
-    _check(a["moe_expert_num"] > 0, f"moe_expert_num should be greater than 0, {sfx}.")
-    _check(a["x"].dim() == 3, lambda: f"x should be 3D, but got {a['x'].dim()}D, {sfx}.")
-    for name, n in (("ffn_token_info_table_shape", 3), ("ffn_token_data_shape", 5),
-                    ("attn_token_info_table_shape", 3)):
+    if "moe_expert_num" in a:
+        _check(a["moe_expert_num"] > 0, f"moe_expert_num should be greater than 0, {sfx}.")
+    _check(a["x"].dim() == x_dim, lambda: f"x should be {x_dim}D, but got {a['x'].dim()}D, {sfx}.")
+    for name, n in sizes.items():
         _check(len(a[name]) == n, lambda: f"{name} should have {n} elements, but got {len(a[name])}, {sfx}.")
+
+
+def _common_checks(a: dict, x_dim: int, ids_1d: tuple[str, ...], ids_text: str) -> None:
+    """What both pybind ops TORCH_CHECK first: x's dims, then the id tensors 1-D."""
+    x = a["x"]
+    _check(x.dim() == x_dim, f"The x should be {x_dim}D, current dim is: {x.dim()}")
+    _check(all(a[n].dim() == 1 for n in ids_1d), ids_text)
+
+
+def _world_group_and_sizes(a: dict, sizes: dict) -> None:
+    _check(a["world_size"] > 0, f"The world_size should be greater than 0, current is: {a['world_size']}")
+    _check(bool(a["group"]), "group should not be empty.")
+    for name, n in sizes.items():
+        _check(len(a[name]) == n, f"{name} should be {n}D, current size is: {len(a[name])}")
+
+
+def _x_dtype(a: dict) -> None:
+    x = a["x"]
+    _check(x.dtype in (torch.bfloat16, torch.float16), f"dtype of x should be bfloat16 or float16, but got "
+                                                       f"{_dtype_name(x)}")
 
 
 def _a2f_checks(a: dict) -> None:
     """csrc/attention_to_ffn.cpp NpuAttentionToFfn's TORCH_CHECKs, in order (the PrivateUse1 path)."""
-    x = a["x"]
-    _check(x.dim() == 3, f"The x should be 3D, current dim is: {x.dim()}")
-    _check(all(a[n].dim() == 1 for n in ("session_id", "micro_batch_id", "layer_id")),
-           "sessionId, microBatchId, layerId should be 1D.")
+    _common_checks(a, 3, ("session_id", "micro_batch_id", "layer_id"), "sessionId, microBatchId, layerId should be 1D.")
     _check(a["expert_ids"].dim() == 3, f"The expertIds should be 3D, current dim is: {a['expert_ids'].dim()}")
     _check(a["expert_rank_table"].dim() == 3,
            f"The expertRankTable should be 3D, current dim is: {a['expert_rank_table'].dim()}")
-    _check(a["world_size"] > 0, f"The world_size should be greater than 0, current is: {a['world_size']}")
-    _check(bool(a["group"]), "group should not be empty.")
-    _check(len(a["ffn_token_info_table_shape"]) == 3,
-           f"ffn_token_info_table_shape should be 3D, current size is: {len(a['ffn_token_info_table_shape'])}")
-    _check(len(a["ffn_token_data_shape"]) == 5,
-           f"ffn_token_data_shape should be 5D, current size is: {len(a['ffn_token_data_shape'])}")
-    _check(len(a["attn_token_info_table_shape"]) == 3,
-           f"attn_token_info_table_shape should be 3D, current size is: {len(a['attn_token_info_table_shape'])}")
+    _world_group_and_sizes(a, {"ffn_token_info_table_shape": 3, "ffn_token_data_shape": 5,
+                               "attn_token_info_table_shape": 3})
     _check(a["moe_expert_num"] > 0, f"The moe_expert_num should be greater than 0, current is: {a['moe_expert_num']}")
-    _check(x.dtype in (torch.bfloat16, torch.float16), f"dtype of x should be bfloat16 or float16, but got "
-                                                       f"{_dtype_name(x)}")
+    _x_dtype(a)
     for name, label in (("session_id", "sessionId"), ("micro_batch_id", "microBatchId"), ("layer_id", "layerId"),
                         ("expert_ids", "expertIds"), ("expert_rank_table", "expertRankTable")):
         _check(a[name].dtype == torch.int32, f"dtype of {label} should be int32.")
-
-
-def _f2a_meta_checks(a: dict) -> None:
-    sfx = _ops_error()
-    _check(a["world_size"] > 0, f"world_size should be greater than 0, {sfx}.")
-    _check(a["x"].dim() == 2, lambda: f"x should be 2D, but got {a['x'].dim()}D, {sfx}.")
-    for name, n in (("token_info_table_shape", 3), ("token_data_shape", 4)):
-        _check(len(a[name]) == n, lambda: f"{name} should have {n} elements, but got {len(a[name])}, {sfx}.")
 
 
 _F2A_IDS = (("session_ids", "sessionIds"), ("micro_batch_ids", "microBatchIds"), ("token_ids", "tokenIds"),
@@ -107,18 +110,10 @@ _F2A_IDS = (("session_ids", "sessionIds"), ("micro_batch_ids", "microBatchIds"),
 
 def _f2a_checks(a: dict) -> None:
     """csrc/ffn_to_attention.cpp's TORCH_CHECKs, in order."""
-    x = a["x"]
-    _check(x.dim() == 2, f"The x should be 2D, current dim is: {x.dim()}")
-    _check(all(a[n].dim() == 1 for n, _ in _F2A_IDS) and a["actual_token_num"].dim() == 1,
-           "sessionIds, microBatchIds, tokenIds, expertOffsets, actualTokenNum should be 1D.")
-    _check(a["world_size"] > 0, f"The world_size should be greater than 0, current is: {a['world_size']}")
-    _check(bool(a["group"]), "group should not be empty.")
-    _check(len(a["token_info_table_shape"]) == 3,
-           f"token_info_table_shape should be 3D, current size is: {len(a['token_info_table_shape'])}")
-    _check(len(a["token_data_shape"]) == 4,
-           f"token_data_shape should be 4D, current size is: {len(a['token_data_shape'])}")
-    _check(x.dtype in (torch.bfloat16, torch.float16), f"dtype of x should be bfloat16 or float16, but got "
-                                                       f"{_dtype_name(x)}")
+    _common_checks(a, 2, (*(n for n, _ in _F2A_IDS), "actual_token_num"),
+                   "sessionIds, microBatchIds, tokenIds, expertOffsets, actualTokenNum should be 1D.")
+    _world_group_and_sizes(a, {"token_info_table_shape": 3, "token_data_shape": 4})
+    _x_dtype(a)
     for name, label in _F2A_IDS:
         _check(a[name].dtype == torch.int32, f"dtype of {label} should be int32.")
     _check(a["actual_token_num"].dtype == torch.int64, "dtype of actualTokenNum should be int64.")
@@ -166,7 +161,11 @@ def _batching_checks(a: dict) -> None:
 
 _VALIDATE = {"npu_attention_to_ffn": _a2f_checks, "npu_ffn_to_attention": _f2a_checks,
              "ffn_worker_batching": _batching_checks}
-_META_VALIDATE = {"npu_attention_to_ffn": _a2f_meta_checks, "npu_ffn_to_attention": _f2a_meta_checks,
+_META_VALIDATE = {"npu_attention_to_ffn": lambda a: _meta_checks(a, 3, {"ffn_token_info_table_shape": 3,
+                                                                       "ffn_token_data_shape": 5,
+                                                                       "attn_token_info_table_shape": 3}),
+                  "npu_ffn_to_attention": lambda a: _meta_checks(a, 2, {"token_info_table_shape": 3,
+                                                                       "token_data_shape": 4}),
                   "ffn_worker_batching": _batching_validate}
 
 

@@ -183,3 +183,24 @@ def test_the_950_combine_dequantises_mx_slots_through_torch_npu(token_dtype, qua
     got = y.cpu().view(torch.int16).numpy()
     assert (got == want.view(np.int16)).all()
     assert y.dtype == torch.bfloat16 and tuple(y.shape) == (side.BS, h)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=lambda t: t[0]), "The x should be 2D, current dim is: 1"),
+    (dict(session_ids=lambda t: t.long()), "dtype of sessionIds should be int32."),
+    (dict(actual_token_num=lambda t: t.int()), "dtype of actualTokenNum should be int64."),
+    (dict(x=lambda t: t.float()), "dtype of x should be bfloat16 or float16, but got Float"),
+    (dict(group=""), "group should not be empty."),
+])
+def test_the_f2a_op_checks_as_its_pybind_function(change, message):
+    """The eager path runs csrc/ffn_to_attention.cpp's TORCH_CHECKs (RuntimeError, their texts) before the op."""
+    ids = torch.zeros(4, dtype=torch.int32, device="npu")
+    args = dict(context=torch.zeros(8, dtype=torch.int32, device="npu"),
+                x=torch.zeros(4, 1024, dtype=torch.bfloat16, device="npu"), session_ids=ids, micro_batch_ids=ids,
+                token_ids=ids, expert_offsets=ids, actual_token_num=torch.zeros(1, dtype=torch.int64, device="npu"),
+                group="nowhere", world_size=2, token_info_table_shape=[1, 2, 2],
+                token_data_shape=[1, 2, 2, 1024], ccl_buffer_size=1 << 21)
+    for key, fn in change.items():
+        args[key] = fn(args[key]) if callable(fn) else fn
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.cann_ops_transformer.npu_ffn_to_attention(**args)
