@@ -391,21 +391,10 @@ def attention_to_ffn(x, session_id, micro_batch_id, layer_id, expert_ids, expert
     record = (s * m + mb) * record_bytes
     data_offset = align512(a * m * info_ints * 4)
     stride = hs * itemsize
-    order, bounds = comm.by_rank(dst, world_size)
-    for r, lo, hi in bounds:
-        sel = order[lo:hi]
-        win = group.window(r)
-        _wait_consumed(win, record, r, s, mb, idle)
-        rows = tok[sel] if per_token else sel
-        # each row copied once, no temporary; streaming stores: the FFN rank reads them from another core
-        comm.put_rows_of(win, data_offset, stride, slots[sel], src, rows, streaming=True)
-        win.put_i32(record + 8, info_index[sel], local[sel])
-    got = {r for r, _, _ in bounds}
+    got = _write_slots(group, dst, world_size, data_offset, stride, slots, src, tok if per_token else None, record,
+                       info_index, local, before=lambda win, r: _wait_consumed(win, record, r, s, mb, idle))
     targets = sorted(got) if sync_flag == 1 else list(range(ffn_start, ffn_start + ffn_num))
-    for r in targets:  # after every data write (the kernel's SyncAll)
-        win = group.window(r)
-        win.put_i32(record + 4, np.zeros(1, np.int64), lid)
-        win.put_i32(record, np.zeros(1, np.int64), VALID_FLAG)
+    _write_headers(group, targets, record, lid)
     for r in targets:
         group.notify(r)
     log.debug("session %d mb %d layer %d: %d slots to %d FFN ranks, headers to %s", s, mb, lid, slots.size,
@@ -442,23 +431,14 @@ def _send_950(c: dict, rank: int, quant_mode: int, sync_flag: int) -> dict:
     record = (s * m + mb) * 4 * info_ints
     data_offset = align512(a * m * info_ints * 4)
     stride = hs * c["itemsize"]
-    order, bounds = comm.by_rank(dst, world_size)
-    for r, lo, hi in bounds:
-        sel = order[lo:hi]
-        win = group.window(r)
-        comm.put_rows_of(win, data_offset, stride, slots[sel], src, tok[sel] if per_token else sel, streaming=True)
-        win.put_i32(record + 8, info_index[sel], local[sel])
+    got = _write_slots(group, dst, world_size, data_offset, stride, slots, src, tok if per_token else None, record,
+                       info_index, local)
     own = group.window(rank)
     first = mb * bs * k1
     own.put_i32(0, np.arange(first, first + cur_bs * k1), INVALID_FLAG)
-    got = {r for r, _, _ in bounds}
     ffn_ranks = range(ffn_start, ffn_start + ffn_num)
     targets = [r for r in ffn_ranks if r in got] if sync_flag == 1 else list(ffn_ranks)
-    for r in targets:  # after every data write (the kernel's SyncAll)
-        win = group.window(r)
-        # the kernel writes [1, layer_id] as one 8-byte put; layer first here, so a reader seeing the flag sees it
-        win.put_i32(record + 4, np.zeros(1, np.int64), lid)
-        win.put_i32(record, np.zeros(1, np.int64), VALID_FLAG)
+    _write_headers(group, targets, record, lid)
     if mask is not None:
         own.put_i32(0, np.arange(first + cur_bs * k1, first + bs * k1), VALID_FLAG)
     for r in targets:
@@ -466,6 +446,33 @@ def _send_950(c: dict, rank: int, quant_mode: int, sync_flag: int) -> dict:
     log.debug("950: session %d mb %d layer %d: %d slots to %d ranks, headers to %s", s, mb, lid, slots.size,
               len(got), targets)
     return {"session": s, "micro_batch": mb, "layer": lid, "routes": dst.reshape(cur_bs, k1), "headers": targets}
+
+
+def _write_slots(group, dst, world_size: int, data_offset: int, stride: int, slots, src, token_of, record: int,
+                 info_index, local, before=None) -> set[int]:
+    """Every slot's payload, then its slot word (the local expert id), grouped per destination rank (the kernel's
+    relay: a rank's data writes, then its word writes); before(win, rank) runs first per rank (A3's backpressure).
+    src holds a row per token (token_of maps a slot to it) or per slot (token_of None). Returns the ranks written."""
+    order, bounds = comm.by_rank(dst, world_size)
+    for r, lo, hi in bounds:
+        sel = order[lo:hi]
+        win = group.window(r)
+        if before is not None:
+            before(win, r)
+        rows = token_of[sel] if token_of is not None else sel
+        # each row copied once, no temporary; streaming stores: the FFN rank reads them from another core
+        comm.put_rows_of(win, data_offset, stride, slots[sel], src, rows, streaming=True)
+        win.put_i32(record + 8, info_index[sel], local[sel])
+    return {r for r, _, _ in bounds}
+
+
+def _write_headers(group, targets, record: int, layer: int) -> None:
+    """The record header [flag = 1, layer_id] on each target rank, after every data write (the kernel's SyncAll).
+    The kernel writes it as one 8-byte put; the layer goes first here, so a reader that sees the flag sees it."""
+    for r in targets:
+        win = group.window(r)
+        win.put_i32(record + 4, np.zeros(1, np.int64), layer)
+        win.put_i32(record, np.zeros(1, np.int64), VALID_FLAG)
 
 
 def _routes(routed: np.ndarray, layer_table: np.ndarray, session: int, moe_expert_num: int, shared: int,
