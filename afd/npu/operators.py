@@ -118,10 +118,13 @@ def _stream_of(t: torch.Tensor):
 
 
 def _launch(entry, device_tensor: torch.Tensor, kernel, args: dict | None = None, explain=None,
-            owed_by=lambda: (), waits: bool = True) -> None:
+            owed_by=lambda: (), waits: bool = True, holds=()) -> None:
     """Run kernel() in order on the current stream, with the fault hooks, the trace span and the watchdog.
     An op that never waits (waits=False) runs at once in the caller when the stream has nothing pending, as
-    ordinary tensor work does; its failure is still kept for the next sync, like any stream error."""
+    ordinary tensor work does; its failure is still kept for the next sync, like any stream error.
+    holds: the op's tensors (inputs and outputs), kept until the queued kernel ran: the kernel reads and writes
+    them through numpy views, which keep no allocator block, and record_stream is a no-op on the fake NPU
+    because a queued op holds its tensors (a freed caller's tensor would otherwise be reused before it ran)."""
     op = entry.name
     stream = _stream_of(device_tensor)
     inline = not waits and stream.idle()
@@ -135,7 +138,17 @@ def _launch(entry, device_tensor: torch.Tensor, kernel, args: dict | None = None
         except BaseException as exc:
             stream._queue.keep_error(op, exc)
         return
+    if holds:
+        task = _holding(task, holds)
     stream.launch(task, op)
+
+
+def _holding(task, holds):
+    """task, keeping holds referenced for as long as the stream's queue keeps the task."""
+    def held():
+        return task()
+    held.holds = holds
+    return held
 
 
 def _hooked(op: str, stream, kernel, args, explain, owed_by):
@@ -193,7 +206,7 @@ def _slot_owner(mb: int, index: tuple[int, int]) -> dict:
 
 def _combine_owed() -> list[tuple[int, int]]:
     ranks = set()
-    for routes in _routes.values():
+    for routes in tuple(_routes.values()):  # a snapshot: A2F on another stream's thread may add a micro-batch
         ranks.update(int(r) for r in np.unique(routes))
     return _peer_pids(ranks)
 
@@ -299,7 +312,8 @@ def _attention_worker_combine(op, entry, a):
         out_next[...] = nxt
         return {"micro_batch": int(ctx.attention.micro_batch_id)} if trace.enabled() else None
 
-    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=op.waits(a), **_waits_on(op))
+    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=op.waits(a), **_waits_on(op),
+            holds=(a, y, next_layer_id))
     return y, next_layer_id
 
 
@@ -370,7 +384,8 @@ def _ffn_worker_batching(op, entry, a):
         units = sorted({(int(s), int(m)) for s, m in zip(batch.session_ids[:n], batch.micro_batch_ids[:n])})
         return {"actual_token_num": n, "units": units}
 
-    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=op.waits(a), **_waits_on(op))
+    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=op.waits(a), **_waits_on(op),
+            holds=(a, outs))
     return tuple(outs)
 
 
@@ -439,7 +454,7 @@ def _ffn_to_attention(op, entry, a):
             faults.round_done()
         return {"to": {int(r): mbs for r, mbs in sent.items()}}
 
-    _launch(entry, named["x"], kernel, {"group": a["group"]}, waits=op.waits(a))
+    _launch(entry, named["x"], kernel, {"group": a["group"]}, waits=op.waits(a), holds=a)
 
 
 IMPLS = {"attention_worker_combine": _attention_worker_combine,
