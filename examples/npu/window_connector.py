@@ -178,6 +178,7 @@ def attention_rank(a, session, buffer, context, device):
                         scales[mb].record_stream(recv)
                     y, _ = torch_npu.npu_attention_worker_combine(context, scales[mb], layer_ids[layer:layer + 1],
                                                                   a.hidden, token_dtype=1, need_schedule=1)
+                    scales[mb] = None  # as the connector: only the queued combine holds them now
                     b = h[mb].shape[0]
                     h[mb] = (h[mb].float() + y[:b].float()).to(torch.bfloat16)
                     if overlap:
