@@ -87,11 +87,13 @@ def _offer_cann_ops_transformer() -> None:
 
 def _clean_up_at_exit() -> None:
     """torchrun ends the other ranks of a failed job with SIGTERM: leave nothing behind (the `afd stop` listing,
-    this rank's trace part) however the rank ends, short of SIGKILL."""
+    this rank's trace part) however the rank ends, short of SIGKILL, and wherever it is blocked; a rank whose
+    torchrun is gone ends too."""
     from .. import exit_cleanup
-    from . import registry, trace
+    from . import registry, trace, watchdog
     exit_cleanup.register(registry.clear)
     exit_cleanup.register(trace.write)
+    watchdog.end_with_launcher()
 
 
 def _autoload() -> None:

@@ -63,6 +63,16 @@ def check_parent() -> None:
         raise Orphaned("parent", f"the process that started {who()} (pid {_parent}) is gone; this rank ends too")
 
 
+def end_with_launcher() -> None:
+    """A rank (RANK or LOCAL_RANK set: started by torchrun or another launcher) ends, its cleanups done, within a
+    fraction of a second of its parent's end, wherever it is blocked (a native call included), not only inside
+    afd-sim's own waits (check_parent). Other processes (a script, pytest) may outlive whoever started them."""
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        from .. import exit_cleanup
+        exit_cleanup.end_with_parent(f"[afd npu {who()}] the process that started {who()} (pid {os.getppid()}) is "
+                                     "gone; this rank ends too")
+
+
 def alive(pid: int) -> bool:
     """True while pid runs (a zombie, killed but not yet reaped, is dead)."""
     try:
