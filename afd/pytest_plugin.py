@@ -110,8 +110,10 @@ def afd_pipeline(request):
 def afd_torchrun(tmp_path):
     """A factory: `afd_torchrun(script, *args, nproc=2, nnodes=1, env=None, timeout=180)` runs the script under
     `afd npu -- torchrun` (one torchrun per node; nodes are separate shared-memory namespaces) and returns a
-    TorchrunResult: `returncode`, `ranks` {rank: RankResult(exit_code, output)}, `output`. Every process it started
-    is gone afterwards (killed if need be, which fails the test)."""
+    TorchrunResult: `returncode`, `ranks` {rank: RankResult(exit_code, output)}, `output`, and `failure()`, the
+    message to assert with (`assert result.returncode == 0, result.failure()`): each failing rank's own first error,
+    torchrun's root cause first, then the output's tail. Every process it started is gone afterwards (killed if need
+    be, which fails the test)."""
     from .npu import registry
     from .npu.launch import TorchrunJob
 

@@ -108,7 +108,7 @@ ROUND_TRIPS = {
 @pytest.mark.parametrize("argv", ROUND_TRIPS.values(), ids=ROUND_TRIPS.keys())
 def test_window_round_trip_equals_the_reference_bit_for_bit(argv, afd_torchrun, tmp_path, dev):
     result = afd_torchrun(HERE / "window_round_trip.py", *argv, "--out", tmp_path)
-    assert result.returncode == 0, result.output[-3000:]
+    assert result.returncode == 0, result.failure()
     assert {r: v.exit_code for r, v in result.ranks.items()} == {0: 0, 1: 0}
     got = torch.load(tmp_path / "outputs.pt")
     want = reference_round_trip(argv, dev)
@@ -179,7 +179,7 @@ def reference_ping_pong(argv: list[str], dev) -> list[np.ndarray]:
 def test_ping_pong_on_two_streams_equals_the_reference(afd_torchrun, tmp_path, dev):
     argv = ["--layers", "3", "--micro-batches", "2", "--bs", "32"]
     result = afd_torchrun(HERE / "ping_pong.py", *argv, "--out", tmp_path)
-    assert result.returncode == 0, result.output[-3000:]
+    assert result.returncode == 0, result.failure()
     got = torch.load(tmp_path / "hidden.pt")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1 for the ranks: the gate's matmul sums alike
@@ -263,7 +263,7 @@ def test_the_window_connector_job_equals_the_reference(argv, afd_torchrun, tmp_p
     from afd.npu.launch import free_port
     result = afd_torchrun(HERE / "window_connector.py", *argv, "--port", free_port(), "--out", tmp_path,
                           nproc=a.attention + a.ffn)
-    assert result.returncode == 0, result.output[-4000:]
+    assert result.returncode == 0, result.failure(4000)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1 for the ranks: the gate's matmul sums alike
     try:
