@@ -1,21 +1,22 @@
 """afd-sim: a hardware-free, multi-process twin of the Ascend AFD operator pipeline."""
-from .config import Config, load as load_config
 from .errors import AclnnError, AfdError, ConfigError, KernelError
-from .faults import Fault, parse as parse_fault
 
 __version__ = "0.1.0"
 __all__ = ["Pipeline", "run", "Result", "Config", "load_config", "Fault", "parse_fault", "AfdError", "AclnnError",
            "ConfigError", "KernelError"]
 
-# The launcher loads on first use (afd.Pipeline, afd.run, afd.Result, `from afd import run`), so importing a
-# module of the package (afd.trace, afd.ops, ...) does not import the runtime.
-_LAZY = {"Pipeline": "runtime.pipeline", "run": "runtime.pipeline", "Result": "runtime.result"}
+# Each of these loads on first use (afd.Pipeline, `from afd import run`, afd.load_config ...), so importing a module
+# of the package (afd.npu under every `import torch`, afd.cli, afd.trace ...) pays for neither the launcher nor the
+# config's pydantic and yaml nor numpy: name -> (module, its attribute).
+_LAZY = {"Pipeline": ("runtime.pipeline", "Pipeline"), "run": ("runtime.pipeline", "run"),
+         "Result": ("runtime.result", "Result"), "Config": ("config", "Config"), "load_config": ("config", "load"),
+         "Fault": ("faults", "Fault"), "parse_fault": ("faults", "parse")}
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
-    value = globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = globals()[name] = getattr(importlib.import_module(f".{where[0]}", __name__), where[1])
     return value

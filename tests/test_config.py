@@ -246,7 +246,7 @@ def test_check_json_matches_the_config(capsys, no_start):
 
 def test_check_sizes_match_what_a_run_allocates():
     """The sizes `afd check` prints are the sizes the launcher allocates."""
-    from afd.cli.check import sizes
+    from afd.preflight import sizes
     from afd.runtime.memory import RunMemory
     cfg = config_mod.load(ROOT / "configs" / "multi.yaml")
     dev = device.Device()

@@ -38,11 +38,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of the one argv names (its module alone is imported). A subcommand module
+    imports what its handler needs inside the handler, so building a parser stays cheap: `afd --help`, `afd stop`
+    and the like start in a blink (numpy, pydantic, zmq, rich ... load only for a command that uses them)."""
     parser = _Parser(prog="afd", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    argv = sys.argv[1:] if argv is None else argv
+    named = argv[0] if argv and argv[0] in SUBCOMMANDS else None  # (the top level has no option but -h)
     for name, module in SUBCOMMANDS.items():
+        if named and name != named:
+            continue
         try:
             mod = importlib.import_module(f"afd.cli.{module}")
         except ModuleNotFoundError as exc:
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _stop_early)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         return int(args.handler(args) or 0)
     except AfdError as exc:
         print(f"afd: error: {exc}", file=sys.stderr)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
-from .. import bench
+if TYPE_CHECKING:  # rich and the benchmarks load when `afd bench` runs, not for `afd --help`
+    from rich.table import Table
 
 
 def add_parser(sub) -> None:
@@ -28,6 +27,7 @@ def _f(value, fmt: str = "{:.1f}") -> str:
 
 
 def tables(r: dict) -> list[Table]:
+    from rich.table import Table
     d, t = r["details"], r["targets"]
     shape = r["shape"]
     title = (f"afd bench: BS={shape['micro_batch_size']} K={shape['top_k']}+1 H={shape['hidden_size']} "
@@ -118,6 +118,7 @@ def tables(r: dict) -> list[Table]:
 
 
 def round_trip_table(rt: dict) -> Table:
+    from rich.table import Table
     """The window round trip of one micro-batch layer with the V1 (A3) and the V2 (950) operators, and their ratio."""
     table = Table(title="window round trip of one micro-batch layer, one process: V1 (A3) vs V2 (950)")
     table.caption = (f"attention_to_ffn ... attention_worker_combine; {rt['timing']}; V2: async, FfnWorkerBatching V2's "
@@ -131,6 +132,7 @@ def round_trip_table(rt: dict) -> Table:
 
 def stage_table(rows: list[dict], total: dict | None = None, info: dict | None = None) -> Table:
     """The stage table (afd.bench.stages): per operator of one micro-batch layer, ms, bytes, GB/s, vs numpy's copy."""
+    from rich.table import Table
     info = info or {}
     table = Table(title="stages of one micro-batch layer, one process (afd.bench.stages)")
     table.caption = (f"ms: {info.get('timing', 'median per micro-batch layer')}; MB: read + written (formulas in "
@@ -151,6 +153,7 @@ def stage_table(rows: list[dict], total: dict | None = None, info: dict | None =
 
 def scaling_table(scaling: dict) -> Table:
     """The scaling table (afd.bench.scaling): one pipeline run per point, its rate beside the copy bound there."""
+    from rich.table import Table
     shape = scaling["shape"]
     table = Table(title=f"scaling (afd.bench.scaling): K={shape['top_k']}+1 {shape['token_dtype']} "
                         f"{shape['expert_kind']} experts, M={shape['micro_batch_num']} L={shape['layers']}"
@@ -179,6 +182,7 @@ def scaling_table(scaling: dict) -> Table:
 
 def rss_table(scaling: dict) -> Table:
     """Peak RSS of each process of the DeepSeek-shape run, and what was resident at its end by kind."""
+    from rich.table import Table
     shape = scaling["rss_shape"]
     table = Table(title=f"RSS per role: H={shape['hidden_size']} BS={shape['micro_batch_size']}, "
                         f"{shape['steps']} steps (MB)")
@@ -200,6 +204,21 @@ def rss_table(scaling: dict) -> Table:
     return table
 
 
+def startup_table(startup: dict) -> Table:
+    """Start-up (afd.bench.startup): each quick command and `afd npu` on a torch start, beside its baseline."""
+    from rich.table import Table
+    table = Table(title=f"start-up: median of {startup['runs']} rounds, every command once a round (afd.bench.startup)")
+    table.caption = (f"afd is {startup['afd']}; CPU: user + system of the command and its children; over: the "
+                     "median wall time above its baseline's" + ("" if startup["torch"] else "; torch not installed"))
+    for col in ("command", "wall s", "min s", "CPU s", "over", "target", "verdict"):
+        table.add_column(col, justify="left" if col in ("command", "target", "verdict") else "right")
+    for name, row in startup["rows"].items():
+        over = f"{row['over_baseline_s']:+.3f} vs {row['baseline']}" if row.get("baseline") else "baseline"
+        table.add_row(name, f"{row['wall_s']:.3f}", f"{row['min_s']:.3f}", f"{row['cpu_s']:.3f}", over,
+                      row.get("target", ""), _verdict(row["pass"]) if "pass" in row else "")
+    return table
+
+
 def _npu_combine(npu: dict) -> str:
     c = npu.get("combine")
     if not c:
@@ -208,8 +227,17 @@ def _npu_combine(npu: dict) -> str:
 
 
 def main(args) -> int:
+    from rich.console import Console
+
+    from .. import bench
+    from ..bench.startup import measure as measure_startup
     err = Console(stderr=True)
     t0 = time.monotonic()
+    if args.json:  # the start-up times first, while nothing of the bench's own runs lingers
+        startup = measure_startup(quick=args.quick)
+    else:
+        with err.status("afd bench: start-up times") as status:
+            startup = measure_startup(quick=args.quick, progress=lambda what: status.update(f"afd bench: {what}"))
     if args.json:
         result = bench.measure(quick=args.quick)
     else:
@@ -223,6 +251,7 @@ def main(args) -> int:
             with err.status("afd bench: scaling") as status:
                 result["scaling"] = measure_scaling(quick=args.quick, progress=lambda what: status.update(
                     f"afd bench: {what}"))
+    result["startup"] = startup
     result["wall_s"] = time.monotonic() - t0
     if args.json:
         print(json.dumps(result, default=float))
@@ -230,6 +259,7 @@ def main(args) -> int:
     console = Console()
     for table in tables(result):
         console.print(table)
+    console.print(startup_table(result["startup"]))
     if "scaling" in result:
         console.print(scaling_table(result["scaling"]))
         console.print(rss_table(result["scaling"]))

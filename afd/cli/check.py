@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from .. import config as config_mod
 from ..errors import ConfigError
-from ..layout import CONTEXT_SIZE
-from ..ops import _limits
-from .. import preflight
-from ..preflight import sizes
 from . import add_overrides
+
+if TYPE_CHECKING:  # the config (pydantic, numpy) loads when a config is checked, not for `afd --help`
+    from ..config import Config
 
 HCCL_RULE = "(M*BS*(K+1)*HS*2 + M*BS*(K+1)*4)/1MiB + 1 <= HCCL_BUFFSIZE"
 
@@ -32,6 +31,7 @@ def add_parser(sub) -> None:
 
 
 def _hccl_buffsize_mb() -> int:
+    from ..ops import _limits
     try:
         value = _limits.hccl_buffsize_mb()
     except ValueError:
@@ -43,8 +43,9 @@ def _hccl_buffsize_mb() -> int:
     return value
 
 
-def hccl(cfg: config_mod.Config) -> dict:
+def hccl(cfg: Config) -> dict:
     """The HCCL window-size rule of FFNToAttention (spec §2.2) for this shape."""
+    from ..ops import _limits
     c = cfg
     need = _limits.hccl_window_mb_needed(c.micro_batch_num, c.micro_batch_size, c.selected, c.hidden_size,
                                          c.itemsize)
@@ -63,6 +64,10 @@ def _fmt(n: int) -> str:
 
 
 def main(args) -> int:
+    from .. import config as config_mod, preflight
+    from ..layout import CONTEXT_SIZE
+    from ..ops import _limits
+    from ..preflight import sizes
     cfg = config_mod.load(args.config, args.overrides)
     strict = bool(args.strict or cfg.strict or _limits.strict())
     sz = sizes(cfg)

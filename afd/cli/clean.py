@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 
-from .. import control, device
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("clean", help="remove the segments and run directories that SIGKILLed processes left")
@@ -18,6 +16,7 @@ def add_parser(sub) -> None:
 def stale_run_dirs() -> list:
     """Run directories whose launcher is gone (run.json's pid is dead, or there is no run.json and no segment of
     the namespace in use)."""
+    from .. import control, device
     root = control.runs_root()
     if not root.is_dir():
         return []
@@ -39,6 +38,7 @@ def stale_run_dirs() -> list:
 
 
 def main(args) -> int:
+    from .. import device
     from ..npu import registry
     segments = device.orphans()
     dirs = stale_run_dirs()

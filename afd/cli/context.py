@@ -9,7 +9,6 @@ from pathlib import Path
 
 from ..inputs import CONFIG_CAP, read_capped, read_text
 from ..errors import AfdError
-from ..layout import AREAS, CONTEXT_SIZE, SCHEDULE_CONTEXT_DTYPE, ScheduleContext, field_offsets
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +37,7 @@ def _read(path: str, what: str, cap: int) -> bytes:
 
 
 def decode(args: argparse.Namespace) -> int:
+    from ..layout import CONTEXT_SIZE, ScheduleContext  # (numpy: not for `afd --help`)
     data = _read(args.file, "the context dump", CONTEXT_SIZE)
     if len(data) != CONTEXT_SIZE:
         got = str(len(data))
@@ -72,6 +72,7 @@ def _integer(name: str, value) -> int:
 
 def _flatten(obj) -> dict[str, int]:
     """Nested and/or flat JSON fields as {'area.field': int}, naming the first bad key or value."""
+    from ..layout import AREAS, SCHEDULE_CONTEXT_DTYPE, field_offsets
     if not isinstance(obj, dict):
         raise AfdError("FIELDS.json", f"the top level must be a JSON object, got {type(obj).__name__}")
     known = field_offsets()
@@ -106,6 +107,7 @@ def _flatten(obj) -> dict[str, int]:
 
 
 def encode(args: argparse.Namespace) -> int:
+    from ..layout import ScheduleContext
     text = read_text(args.fields, CONFIG_CAP, "the fields file")
     try:
         obj = json.loads(text)

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
-from rich.table import Table
-
-from ..campaign import campaign, summarize
 from . import add_overrides
 
 
@@ -24,6 +20,10 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..campaign import campaign, summarize
     if args.runs <= 0:
         from ..errors import ConfigError
         raise ConfigError("--runs", f"must be > 0, got {args.runs}")

@@ -4,15 +4,13 @@ In the command and every process it starts, `import torch` installs the fake (AF
 entry point), and `import torch_npu` gives it (a `torch_npu` package first on PYTHONPATH). With --trace, every rank
 writes its part of the timeline and this command merges them into one Chrome trace when the command ends.
 Exit code: the command's (2 for a bad option or fault spec, 127 when the command cannot be started).
+Without --trace the command replaces this process once the options are checked (exec): nothing waits in between,
+and its exit status, a death by signal included, is this command's.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 
 from ..errors import ConfigError
 
@@ -56,26 +54,42 @@ def environment(args, base: dict | None = None) -> dict:
 
 
 def main(args) -> int:
-    from ..npu.trace import ENV as TRACE_ENV, PARTS_ENV, merge
+    from ..npu.trace import ENV as TRACE_ENV
     command = args.command[1:] if args.command and args.command[0] == "--" else args.command
     if not command:
         raise ConfigError("COMMAND", "give the command to run after --, e.g. afd npu -- python script.py")
     env = environment(args)
     trace_out = env.get(TRACE_ENV)
-    parts = None
-    if trace_out:
-        out_dir = os.path.dirname(trace_out) or "."
-        if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-            raise ConfigError("--trace", f"directory {out_dir!r} does not exist or is not writable")
-        parts = tempfile.mkdtemp(prefix="afd-npu-trace-")
-        env[PARTS_ENV] = parts
+    if not trace_out:
+        try:
+            os.execvpe(command[0], command, env)
+        except OSError as exc:
+            return _cannot_start(command, exc)
+    return _run_and_merge(command, env, trace_out)
+
+
+def _cannot_start(command: list[str], exc: OSError) -> int:
+    print(f"afd npu: cannot start {command[0]!r}: {exc.strerror}", file=sys.stderr)
+    return EXIT_NOT_FOUND
+
+
+def _run_and_merge(command: list[str], env: dict, trace_out: str) -> int:
+    """Run the command as a child (signals forwarded to it), then merge the ranks' trace parts into trace_out."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    from ..npu.trace import PARTS_ENV, merge
+    out_dir = os.path.dirname(trace_out) or "."
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise ConfigError("--trace", f"directory {out_dir!r} does not exist or is not writable")
+    parts = env[PARTS_ENV] = tempfile.mkdtemp(prefix="afd-npu-trace-")
     try:
         proc = subprocess.Popen(command, env=env)
     except OSError as exc:
-        print(f"afd npu: cannot start {command[0]!r}: {exc.strerror}", file=sys.stderr)
-        if parts:
-            shutil.rmtree(parts, ignore_errors=True)
-        return EXIT_NOT_FOUND
+        shutil.rmtree(parts, ignore_errors=True)
+        return _cannot_start(command, exc)
 
     def forward(signum, _frame):
         try:
@@ -89,10 +103,9 @@ def main(args) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if parts:
-            try:
-                merge(parts, trace_out)
-                print(f"afd npu: trace written to {trace_out}", file=sys.stderr)
-            finally:
-                shutil.rmtree(parts, ignore_errors=True)
+        try:
+            merge(parts, trace_out)
+            print(f"afd npu: trace written to {trace_out}", file=sys.stderr)
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
     return code if code >= 0 else 128 - code

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-from .. import config as config_mod
-from ..timing import diagnose, predict
 from . import add_overrides
 
 
@@ -32,6 +30,7 @@ def model_text(pred) -> str:
 def measure(cfg_source, overrides: list[str], max_m: int = 4) -> list[dict]:
     """Run micro_batch_num = 1..max_m; measured step time = event window / steps (start-up excluded)."""
     from ..runtime.pipeline import run
+    from ..timing import diagnose, predict
     rows = []
     for m in range(1, max_m + 1):
         result = run(cfg_source, overrides + [f"micro_batch_num={m}", "trace=true"])
@@ -64,6 +63,8 @@ def table_text(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
+    from .. import config as config_mod
+    from ..timing import predict
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")

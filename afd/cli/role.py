@@ -17,9 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from .. import config as config_mod
-from .. import control
-from ..config import AGENT_PREFIX
 from ..errors import ConfigError
 from . import add_overrides
 
@@ -49,6 +46,7 @@ def add_parser(sub) -> None:
 
 
 def _role_id(args, cfg) -> str:
+    from ..config import AGENT_PREFIX
     if args.role == "controller":
         return "controller"
     if args.role == "agent":
@@ -105,6 +103,7 @@ def _load_keys(path: str | None, endpoint: str, create: bool, timeout_s: float =
 
 
 def main(args) -> int:
+    from .. import config as config_mod
     cfg = None
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
     if args.config or args.role == "controller":
@@ -120,6 +119,8 @@ def run_one(role_id: str, endpoint: str, keys: dict | None) -> int:
     """One role (or agent) in this process, joined to the controller at `endpoint`; its exit code."""
     import importlib
 
+    from .. import control
+    from ..config import AGENT_PREFIX
     from ..roles import ROLE_MODULES, split_role
     from ..runtime.role import RoleRuntime, run_role
     from ..ops._polling import Stopped
@@ -145,6 +146,7 @@ def run_controller(cfg, args) -> int:
     """The controller of a run whose roles join on their own: prints the summary, exits like afd run."""
     from rich.console import Console
 
+    from .. import control
     from .. import faults as faults_mod
     from ..device import new_namespace
     from ..roles.controller import Controller

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
-from ..runtime.pipeline import Pipeline, write_log, write_report
 from . import add_overrides
+
+if TYPE_CHECKING:  # rich loads where a table or progress is drawn, not for `afd --help`
+    from rich.table import Table
 
 
 def add_parser(sub) -> None:
@@ -28,6 +27,7 @@ def add_parser(sub) -> None:
 
 
 def summary_table(result) -> Table:
+    from rich.table import Table
     table = Table(title=f"afd run: {result.config.name}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
@@ -75,7 +75,11 @@ def _hold_signals() -> None:
 
 
 def main(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from ..preflight import check_output
+    from ..runtime.pipeline import Pipeline
     for flag in ("report", "log", "trace", "plot"):  # before the run: its end must not be lost to a bad path
         check_output(f"--{flag}", getattr(args, flag))
     if args.report and not args.log:
@@ -115,6 +119,7 @@ def main(args) -> int:
 def _write_outputs(args, result) -> list[tuple[str, OSError]]:
     """Every output asked for, each on its own: one that fails does not stop the others (nor the summary)."""
     from ..plot import plot_result
+    from ..runtime.pipeline import write_log, write_report
     from ..trace import write_result
     lost = []
     steps = [("--report", lambda: write_report(result, args.report, args.log)) if args.report else

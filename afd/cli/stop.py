@@ -12,10 +12,6 @@ import os
 import sys
 import time
 
-import zmq
-
-from .. import control
-
 ACK_TIMEOUT_S = 2.0
 EXIT_OK, EXIT_NOTHING, EXIT_AMBIGUOUS = 0, 1, 2
 
@@ -44,6 +40,9 @@ def request_stop(endpoint: str, token: str | None, timeout_s: float = ACK_TIMEOU
                  curve: dict | None = None) -> dict | None:
     """Send one stop to the controller at `endpoint`; the "ack" payload, or None when none came in time.
     `curve`: the run's CURVE keys (curve.json of its run directory), needed for a TCP control plane."""
+    import zmq
+
+    from .. import control
     ctx = zmq.Context()
     try:
         sock = control.socket(ctx, zmq.DEALER, identity=f"afd-stop-{os.getpid()}".encode())
@@ -95,6 +94,7 @@ def stop_npu_jobs() -> int:
 
 
 def main(args) -> int:
+    from .. import control
     runs = control.live_runs()
     if args.npu or (not runs and not args.endpoint):
         return stop_npu_jobs()
