@@ -8,8 +8,8 @@ __all__ = ["Pipeline", "run", "Result", "Config", "load_config", "Fault", "parse
 # Each of these loads on first use (afd.Pipeline, `from afd import run`, afd.load_config ...), so importing a module
 # of the package (afd.npu under every `import torch`, afd.cli, afd.trace ...) pays for neither the launcher nor the
 # config's pydantic and yaml nor numpy: name -> (module, its attribute).
-_LAZY = {"Pipeline": ("runtime.pipeline", "Pipeline"), "run": ("runtime.pipeline", "run"),
-         "Result": ("runtime.result", "Result"), "Config": ("config", "Config"), "load_config": ("config", "load"),
+_LAZY = {"Pipeline": ("launcher.pipeline", "Pipeline"), "run": ("launcher.pipeline", "run"),
+         "Result": ("launcher.result", "Result"), "Config": ("config", "Config"), "load_config": ("config", "load"),
          "Fault": ("faults", "Fault"), "parse_fault": ("faults", "parse")}
 
 

@@ -14,7 +14,7 @@ from . import config as config_mod
 from . import control
 from .device import list_segments
 from .faults import KINDS, random_fault
-from .runtime.pipeline import Pipeline
+from .launcher.pipeline import Pipeline
 
 
 @dataclass

@@ -136,7 +136,7 @@ class _AllowOne:
 class LauncherWatch:
     """Whether the launcher that started this process is gone: its pid no longer names the process it named at this
     one's start (by start time, so a reused pid does not count). Roles are forked by the launcher's fork server
-    (afd.runtime.pipeline.role_context), which lives on while they do, so their parent says nothing about it."""
+    (afd.launcher.forkserver.role_context), which lives on while they do, so their parent says nothing about it."""
 
     def __init__(self, launcher_pid: int | None):
         self.pid = launcher_pid

@@ -29,7 +29,7 @@ def pytest_configure(config):
 
 def _live_children() -> dict[int, str]:
     """Child processes of this process that are still running (zombies already exited), and those of its fork
-    server (the roles of a run are forked by it, afd.runtime.pipeline.role_context)."""
+    server (the roles of a run are forked by it, afd.launcher.forkserver.role_context)."""
     me = os.getpid()
     parents = {}  # pid -> (ppid, state, comm) of every process
     for entry in os.listdir("/proc"):
@@ -88,7 +88,7 @@ def afd_config() -> Config:
 @pytest.fixture
 def afd_pipeline(request):
     """A factory: `afd_pipeline(config=None, faults=(), **overrides)` returns a started Pipeline, always torn down."""
-    from .runtime.pipeline import Pipeline
+    from .launcher.pipeline import Pipeline
 
     marker = request.node.get_closest_marker("afd_timeout")
     timeout = marker.args[0] if marker else request.config.getoption("--afd-timeout")

@@ -5,7 +5,7 @@ import argparse
 import json
 import time
 
-from afd.runtime.pipeline import Pipeline
+from afd.launcher.pipeline import Pipeline
 
 
 def rss_kib(pid: int) -> int:

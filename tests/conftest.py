@@ -18,7 +18,7 @@ def recorded_namespaces(monkeypatch):
     """Every namespace the launcher hands out during the test (the run's, and each host's) must be empty
     afterwards; a test may also append namespaces of runs it launched in a subprocess. Other pipelines running
     on the machine meanwhile do not count."""
-    import afd.runtime.pipeline as pipeline_mod
+    import afd.launcher.pipeline as pipeline_mod
     from afd import device
 
     ours: list[str] = []

@@ -14,7 +14,7 @@ from afd import config as config_mod
 from afd import device
 from afd.cli import main
 from afd.errors import ConfigError
-from afd.runtime import pipeline as pipeline_mod
+from afd.launcher import pipeline as pipeline_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 

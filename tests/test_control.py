@@ -6,7 +6,7 @@ import pytest
 import zmq
 
 from afd import control
-from afd.runtime.pipeline import Pipeline
+from afd.launcher.pipeline import Pipeline
 
 
 @pytest.mark.parametrize("frames", [

@@ -12,7 +12,7 @@ from afd import control, device
 from afd.campaign import run_one
 from afd.config import load
 from afd.faults import DOCUMENTED, parse
-from afd.runtime.pipeline import Pipeline
+from afd.launcher.pipeline import Pipeline
 
 MINIMAL = {"name": "t-minimal", "steps": 3}
 MULTI = {"name": "t-multi", "sessions": 2, "ffn_ranks": 2, "micro_batch_num": 3, "steps": 3}

@@ -21,7 +21,7 @@ from afd import preflight
 from afd.cli import main
 from afd.device import SHM_DIR
 from afd.errors import AfdError
-from afd.runtime import pipeline as pipeline_mod
+from afd.launcher import pipeline as pipeline_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 2026

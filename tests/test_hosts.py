@@ -13,7 +13,7 @@ from afd.comm import LocalWindow
 from afd.comm_remote import AgentLink, LocalRegion, RemoteWindow, WindowServer
 from afd.errors import ConfigError, KernelError
 from afd.faults import DOCUMENTED
-from afd.runtime.pipeline import Pipeline
+from afd.launcher.pipeline import Pipeline
 
 # The attention session on one host, both FFN ranks on the other: every A2F and F2A write crosses hosts.
 TWO_HOSTS = {"name": "t-two-hosts", "sessions": 1, "ffn_ranks": 2, "micro_batch_num": 2, "steps": 3,

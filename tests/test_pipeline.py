@@ -16,7 +16,7 @@ from afd import config as config_mod
 from afd import control, device
 from afd.cli.stop import request_stop
 from afd.runtime.memory import STATUS
-from afd.runtime.pipeline import Pipeline
+from afd.launcher.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -236,7 +236,7 @@ def test_roles_are_forked_from_one_server_that_loaded_the_kernels():
         server = parents.pop()
         assert server != os.getpid() and _parent_of(server) == os.getpid()
         with open(f"/proc/{server}/cmdline", "rb") as f:
-            assert b"afd.runtime.preload" in f.read()
+            assert b"afd.launcher.preload" in f.read()
         with open(f"/proc/{server}/maps") as f:
             assert "llvmlite" in f.read()
         result = p.wait(60)
@@ -248,7 +248,7 @@ def test_the_fork_server_loads_cached_kernels_and_never_compiles(tmp_path):
     """With an empty numba cache the server's preload loads no kernel and compiles none (the roles compile their own,
     in parallel): the cache directory stays empty."""
     cache = tmp_path / "numba-cache"
-    code = ("import afd.runtime.preload as p, afd.ops._kernels as k; "
+    code = ("import afd.launcher.preload as p, afd.ops._kernels as k; "
             "print(p._load_cached_kernels(), len(k.warm_ups()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110,
                          env=dict(os.environ, NUMBA_CACHE_DIR=str(cache)))
@@ -262,7 +262,7 @@ def test_the_fork_server_loads_cached_kernels_and_never_compiles(tmp_path):
 def test_a_forked_role_sees_the_launchers_environment_of_its_run(tmp_path, monkeypatch):
     """The fork server keeps the environment it started with; a role takes the launcher's as it is at the run's start
     (here AFD_HEALTH_DIR, set after the server is up: every role writes its heartbeat file there)."""
-    from afd.runtime.pipeline import role_context
+    from afd.launcher.forkserver import role_context
     role_context()  # the server is up (started by this test or an earlier one) before the variable is set
     health = tmp_path / "health"
     monkeypatch.setenv("AFD_HEALTH_DIR", str(health))

@@ -12,7 +12,7 @@ from afd import trace
 from afd.config import load
 from afd.errors import ConfigError
 from afd.runtime.memory import RunMemory
-from afd.runtime.pipeline import Pipeline
+from afd.launcher.pipeline import Pipeline
 from test_faults import assert_nothing_left
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from afd import config as config_mod
 from afd import control, device, preflight
 from afd.cli import main
 from afd.errors import ConfigError
-from afd.runtime import pipeline as pipeline_mod
+from afd.launcher import pipeline as pipeline_mod
 
 
 @pytest.fixture
@@ -131,13 +131,13 @@ def test_an_output_lost_after_the_run_is_one_line_and_the_others_are_written(tmp
     monkeypatch.setenv("AFD_RUN_DIR", str(tmp_path / "runs"))
     gone = tmp_path / "gone"
     gone.mkdir()
-    from afd.cli import run as run_cli
-    real = run_cli.write_report
+    from afd.launcher import report as report_mod  # (afd run imports write_report from there when it writes)
+    real = report_mod.write_report
 
     def remove_then_write(result, path, log=None):
         gone.rmdir()
         real(result, path, log)
-    monkeypatch.setattr(run_cli, "write_report", remove_then_write)
+    monkeypatch.setattr(report_mod, "write_report", remove_then_write)
     code = main(["run", "--quiet", "--steps", "1", "--report", str(gone / "r.json"), "--trace",
                  str(tmp_path / "t.json")])
     err = capsys.readouterr().err

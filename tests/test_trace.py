@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 
 from afd import trace
-from afd.runtime.pipeline import Pipeline, run
+from afd.launcher.pipeline import Pipeline, run
 
 
 def _load(path):
@@ -122,7 +122,7 @@ def test_trace_written_up_to_a_fault(tmp_path):
 
 def test_trace_does_not_import_the_runtime():
     """afd.trace is read by the runtime's results; importing it must not import the runtime back (no import circle)."""
-    code = "import afd.trace, sys; print([m for m in sys.modules if m.startswith('afd.runtime')])"
+    code = "import afd.trace, sys; print([m for m in sys.modules if m.startswith(('afd.runtime', 'afd.launcher'))])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

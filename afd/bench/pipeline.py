@@ -2,7 +2,7 @@
 # All on the DeepSeek-shaped micro-batch (SHAPE: BS=48, K=8+1, H=7168, bf16, scale experts, one session, one FFN
 # rank), measured in one `afd bench` invocation (afd.bench.suite), so ratios compare figures taken on the same machine
 # at the same time:
-# - pipeline: `afd.runtime.pipeline.run` (the real roles over shared windows), micro-batch-layers per second;
+# - pipeline: `afd.launcher.pipeline.run` (the real roles over shared windows), micro-batch-layers per second;
 # - hop: the last F2A flag store -> attention_worker_scheduler_ returning, measured in a dedicated two-process setup
 #   (the real op, the real RoleRuntime wait policy, a FIFO doorbell as roles on one host use) in the default and in
 #   the spin waiting mode, and, for reference, the pipeline's own `flag_hop_ns` samples (which also hold queueing
@@ -30,7 +30,7 @@ TWO_HOSTS = {"control": {"transport": "tcp"},
 
 
 def bench_config(steps: int, **values) -> dict:
-    """The benchmark's pipeline config (a plain dict for afd.runtime.pipeline.run)."""
+    """The benchmark's pipeline config (a plain dict for afd.launcher.pipeline.run)."""
     return {"name": "bench", **SHAPE, "steps": steps, **values}
 
 
@@ -45,7 +45,7 @@ def measure_pipeline(steps: int, wait: str = "default", check_reference: bool = 
                      two_hosts: bool = False) -> dict:
     """One pipeline run (on one host, or across two hosts through the remote window transport); a run that does not
     complete (e.g. another process swept its segments) is retried once."""
-    from ..runtime.pipeline import run
+    from ..launcher.pipeline import run
 
     extra = TWO_HOSTS if two_hosts else {}
     for attempt in range(attempts):

@@ -1,5 +1,5 @@
 """The scaling table: the real pipeline's rate and fraction of the copy bound against H and against BS; RSS per role."""
-# One pipeline run per point (afd.runtime.pipeline.run, outputs checked against the reference), the other fields
+# One pipeline run per point (afd.launcher.pipeline.run, outputs checked against the reference), the other fields
 # SHAPE's: H in 1024 ... 8192 at the bench's BS=48, and BS in 8 ... 512 at DeepSeek's H=7168. The copy bound is
 # measured right after each run, at that point's shape (measure_copy_bound), so each fraction compares two figures
 # taken under the same load. The per-role RSS comes from the DeepSeek-shape point (H=7168, BS=48): every process
@@ -43,7 +43,7 @@ def measure_point(axis: str, h: int, bs: int, steps: int, min_run_s: float = 0.0
     """One row: a pipeline run at (H, BS) with the reference check, then the copy bound at that shape. A run that
     did not complete is retried (another process may have swept its segments); one shorter than min_run_s is redone
     with the steps scaled up to 1.3 * min_run_s."""
-    from ..runtime.pipeline import run
+    from ..launcher.pipeline import run
 
     t0 = time.monotonic()
     for attempt in range(1, attempts + 1):

@@ -13,7 +13,7 @@ def measure_overhead(quick: bool = True, config=None, repeats: int | None = None
     a pair see the same machine, the best of each side need not (one run at 1058 against a next-best of 961 made a
     +15% overhead of a set whose pairs' median was +3%).
     """
-    from ..runtime.pipeline import run
+    from ..launcher.pipeline import run
 
     steps = 60 if quick else 400
     repeats = repeats or (2 if quick else 5)  # quick: 4 pipeline runs, so `afd bench --quick` stays near 30 s

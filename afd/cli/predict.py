@@ -29,7 +29,7 @@ def model_text(pred) -> str:
 
 def measure(cfg_source, overrides: list[str], max_m: int = 4) -> list[dict]:
     """Run micro_batch_num = 1..max_m; measured step time = event window / steps (start-up excluded)."""
-    from ..runtime.pipeline import run
+    from ..launcher.pipeline import run
     from ..timing import diagnose, predict
     rows = []
     for m in range(1, max_m + 1):

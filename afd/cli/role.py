@@ -150,9 +150,9 @@ def run_controller(cfg, args) -> int:
     from .. import faults as faults_mod
     from ..device import new_namespace
     from ..roles.controller import Controller
-    from ..runtime.pipeline import write_report
-    from ..runtime.reported import ReportedMemory
-    from ..runtime.result import build_result
+    from ..launcher.report import write_report
+    from ..launcher.reported import ReportedMemory
+    from ..launcher.result import build_result
     from .run import summary_table
 
     faults = faults_mod.parse_all(cfg.faults, cfg.role_ids()) + faults_mod.parse_all(args.faults, cfg.role_ids())

@@ -1,155 +1,31 @@
 """The launcher: a Pipeline owns one run's memory and processes, supervises them, and always cleans up."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import threading
-import sys
 import time
 from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
 
 import multiprocess
-import numpy as np
 import zmq
 
 from .. import config as config_mod
-from .. import control, exit_cleanup
+from .. import control
 from .. import faults as faults_mod
 from .. import preflight
 from ..config import Config
 from ..device import Device, new_namespace, sweep
 from ..errors import AfdError
-from .memory import STATUS, RunMemory
+from ..runtime.memory import STATUS, RunMemory
+from .entry import controller_entry, role_entry
+from .forkserver import launcher_state, role_context
+from .reaper import Reaper
+from .reference import forked_reference
 from .result import Result, build_result
-
-
-def _role_entry(launcher: dict, role_id: str, config_json: str, plan: dict | None, endpoint: str, launcher_pid: int,
-                run_dir: str, curve_keys: dict | None = None, namespace: str | None = None) -> None:
-    """Forked child: run one role, or a host's window agent (module-level so the start method can find it).
-    Without a plan the role gets it from the controller's welcome (multi-host: once every agent reported)."""
-    _ignore_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP go to the launcher, which stops everyone through run_flag
-    try:
-        _adopt(launcher)
-        _run_role_entry(role_id, config_json, plan, endpoint, launcher_pid, run_dir, curve_keys, namespace)
-    finally:
-        exit_cleanup.run_all()  # (a fork server's child leaves with os._exit, which skips atexit)
-
-
-def _run_role_entry(role_id, config_json, plan, endpoint, launcher_pid, run_dir, curve_keys, namespace) -> None:
-    import importlib
-    import sys
-
-    from ..config import AGENT_PREFIX
-    from ..roles import ROLE_MODULES, split_role
-    from .role import RoleRuntime, run_role
-
-    cfg = Config.model_validate_json(config_json)
-    if cfg.strict:  # the ops' hardware limits follow the run's strict mode
-        from ..ops import set_strict
-        set_strict(True)
-    kind = "agent" if role_id.startswith(AGENT_PREFIX) else ROLE_MODULES[split_role(role_id)[0]]
-    module = importlib.import_module(f"afd.roles.{kind}")
-    rt = RoleRuntime(role_id, endpoint, cfg, plan, launcher_pid=launcher_pid, run_dir=run_dir, curve_keys=curve_keys)
-    rt.namespace = namespace  # an agent allocates its host's memory there (so the launcher can sweep it)
-    sys.exit(run_role(rt, module.body, getattr(module, "prepare", None)))
-
-
-def _controller_entry(launcher: dict, config_json: str, plan: dict, endpoint: str, pub_endpoint: str,
-                      launcher_pid: int) -> None:
-    import sys
-
-    from ..roles import controller
-
-    _ignore_stop_signals()
-    try:
-        _adopt(launcher)
-        sys.exit(controller.main(Config.model_validate_json(config_json), plan, endpoint, pub_endpoint, launcher_pid))
-    finally:
-        exit_cleanup.run_all()
-
-
-def _launcher_state() -> dict:
-    """What a role takes from its launcher: a forked role gets the fork server's environment and working directory,
-    which are the launcher's as they were when the server started (an earlier run's, in a long-lived process)."""
-    return {"environ": dict(os.environ), "cwd": os.getcwd()}
-
-
-def _adopt(launcher: dict) -> None:
-    import tempfile
-
-    os.environ.clear()
-    os.environ.update(launcher["environ"])
-    os.chdir(launcher["cwd"])
-    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
-
-
-def role_context():
-    """The multiprocess context roles start from: a fork server that loaded the roles and kernels once
-    (afd.runtime.preload), started with the stop signals blocked, so it and every role it forks are born with them
-    blocked (blocked_stop_signals). It ends when this process does."""
-    from multiprocess import forkserver
-
-    ctx = multiprocess.get_context("forkserver")
-    ctx.set_forkserver_preload(["afd.runtime.preload"])
-    with blocked_stop_signals():
-        forkserver.ensure_running()
-    return ctx
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _ignore_stop_signals() -> None:
-    """In a role process: ignore them, then take them off the mask it was born with (blocked_stop_signals)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-class blocked_stop_signals:
-    """Children are started with the stop signals blocked: a signal sent to the whole process group (`timeout`,
-    a terminal) while a child is still importing must not kill it before it can ignore them; the launcher,
-    which gets the same signal, stops everyone through run_flag."""
-
-    def __enter__(self):
-        # multiprocess starts its resource tracker on the first spawn and then *unblocks* SIGINT and SIGTERM
-        # (not restoring the mask it found): start it before blocking, so that cannot undo the block.
-        from multiprocess import resource_tracker
-        resource_tracker.ensure_running()
-        self.before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-    def __exit__(self, *exc):
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.before)  # a signal that came meanwhile is delivered now
-
-
-class Signalled(Exception):
-    """SIGTERM or SIGHUP reached the launcher: the run stops as Ctrl-C stops it."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"signal {signal.Signals(signum).name}")
-
-
-# The reaper: a tiny process holding the read end of a pipe from the launcher. When the pipe closes (the
-# launcher finished, or was SIGKILLed and the kernel closed it), it removes the run's segments and run
-# directory, so nothing outlives a launcher that died after its roles were gone. A launcher that closes normally
-# says so first; one that died says nothing, and then its multiprocess temp directory (the fork server's socket,
-# which only the launcher's normal exit removes) goes too.
-_REAPER = """
-import glob, os, shutil, sys
-said = sys.stdin.buffer.read()
-for path in glob.glob(os.path.join(sys.argv[1], "afd-" + sys.argv[2] + "-*")):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-shutil.rmtree(sys.argv[3], ignore_errors=True)
-if not said:
-    shutil.rmtree(sys.argv[4], ignore_errors=True)
-"""
+from .signals import STOP_SIGNALS, Signalled, blocked_stop_signals
 
 
 class Pipeline:
@@ -180,6 +56,7 @@ class Pipeline:
         self._signalled: int | None = None  # a SIGTERM / SIGHUP that came in; the wait turns it into a stop
         self._waiting = False
         self._old_handlers: dict = {}
+        self._reaper: Reaper | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -218,13 +95,7 @@ class Pipeline:
         try:
             self.mem = RunMemory.create(cfg, self.device)
             self.run_dir = control.make_run_dir(namespace)
-            import subprocess
-            from ..device import SHM_DIR
-            from multiprocess import util as mp_util
-            with blocked_stop_signals():  # (the reaper keeps them blocked: only its pipe's end ends it)
-                self._reaper = subprocess.Popen([sys.executable, "-S", "-c", _REAPER, SHM_DIR, namespace,
-                                                 str(self.run_dir), mp_util.get_temp_dir()], stdin=subprocess.PIPE,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._reaper = Reaper(namespace, str(self.run_dir))
             endpoint, pub = self._endpoints()
             self.endpoint = endpoint
             if cfg.control.transport == "tcp":  # TCP is reachable by others: encrypt and authenticate
@@ -244,13 +115,13 @@ class Pipeline:
         """Start the controller, then `first` (agents), then every role; role_args(role, cfg_json) -> its args."""
         cfg_json = self.cfg.model_dump_json()
         ctx = role_context()
-        launcher = _launcher_state()
+        launcher = launcher_state()
         roles = ["controller"] + list(first) + [r for r in self.cfg.role_ids() if r != "controller"]
         for role in roles:
             if role == "controller":
-                target, args = _controller_entry, (launcher, cfg_json, plan, self.endpoint, pub, os.getpid())
+                target, args = controller_entry, (launcher, cfg_json, plan, self.endpoint, pub, os.getpid())
             else:
-                target, args = _role_entry, (launcher, *role_args(role, cfg_json))
+                target, args = role_entry, (launcher, *role_args(role, cfg_json))
             proc = ctx.Process(target=target, args=args, name=role, daemon=False)
             with blocked_stop_signals():
                 proc.start()
@@ -446,6 +317,9 @@ class Pipeline:
         return {k: int(row[STATUS[k]]) for k in ("step", "layer", "micro_batch", "progress")}
 
     def _conclude(self) -> Result:
+        failure = (self._controller_result or {}).get("failure") or {}
+        if failure.get("kind") == "hang" and failure.get("role") in self.processes:
+            self.processes[failure["role"]].kill()  # hung: it would not leave by itself while this process lives
         self._reap(2.0)
         exit_codes = {r: p.exitcode for r, p in self.processes.items()}
         mem = self.mem
@@ -453,7 +327,8 @@ class Pipeline:
             from .reported import ReportedMemory
             mem = ReportedMemory(self.cfg, self._controller_result)
         self.result = build_result(self.cfg, mem, self._controller_result, getattr(self, "_died_first", None),
-                                   exit_codes, time.monotonic() - self._started, self.faults)
+                                   exit_codes, time.monotonic() - self._started, self.faults,
+                                   reference=forked_reference)
         return self.result
 
     def _reap(self, grace: float, joining_grace: float = 10.0) -> None:
@@ -504,17 +379,8 @@ class Pipeline:
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self._restore_signals()
-        reaper = getattr(self, "_reaper", None)
-        if reaper is not None:
-            try:
-                reaper.stdin.write(b"closed")  # a normal end: the multiprocess temp directory stays (other runs)
-            except OSError:
-                pass
-            reaper.stdin.close()  # everything is already removed; the reaper checks once more and exits
-            try:
-                reaper.wait(5)
-            except Exception:
-                reaper.kill()
+        if self._reaper is not None:
+            self._reaper.close()
             self._reaper = None
 
 
@@ -539,30 +405,4 @@ def run(config: str | os.PathLike | dict | Config | None = None, overrides: list
         return pipeline.wait(timeout)
 
 
-def write_report(result: Result, path: str | os.PathLike, log_path: str | os.PathLike | None = None) -> None:
-    """The JSON report, and the run log beside it (FILE.log unless a log path is given)."""
-    Path(path).write_text(json.dumps(result.report(), indent=2, default=_json_default))
-    write_log(result, log_path or f"{path}.log")
-
-
-def write_log(result: Result, path: str | os.PathLike) -> None:
-    lines = list(result.log) + [f"outcome: {result.outcome} (exit {result.exit_code}): {result.reason}"]
-    if result.failure:
-        lines.append(f"failure: {json.dumps(result.failure, default=_json_default)}")
-    for role, info in result.roles.items():
-        lines.append(f"{role}: exit {info['exit_code']} {info['outcome']}"
-                     + (f" - {info['error'].get('message', '')}" if info.get("error") else ""))
-    Path(path).write_text("\n".join(lines) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(type(value).__name__)
-
-
-__all__ = ["Pipeline", "run", "write_report", "AfdError"]
+__all__ = ["Pipeline", "run", "AfdError"]

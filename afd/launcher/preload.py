@@ -6,11 +6,15 @@ in place. Imported only by the fork server (multiprocess's forkserver preload), 
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import logging
+import os
+import sys
+import time
 
-from .role import _no_numba_blas_probe
+from ..runtime.role import _no_numba_blas_probe
 
 _no_numba_blas_probe()  # before a kernel first loads: the probe would import scipy.linalg into every role
 
@@ -51,8 +55,34 @@ def _load_cached_kernels() -> int:
 try:
     _load_cached_kernels()
 except Exception:  # noqa: BLE001 - the roles' prepare() loads what they need; the server must start regardless
-    logging.getLogger("afd.runtime.preload").warning("loading the cached kernels in the fork server failed",
+    logging.getLogger("afd.launcher.preload").warning("loading the cached kernels in the fork server failed",
                                                      exc_info=True)
+
+
+def _reap_then_leave() -> None:
+    """The server's last act: reap every role it forked, so none is handed to init as a zombie, then leave at once
+    (its interpreter's teardown of numba and the kernels would cost the launcher, which waits for it, ~0.3 s). It
+    exits when its pipe from the launcher reads EOF, that is when every role (which holds that pipe too) has closed
+    it: they are gone or leaving. Only in the server: an importer of this module (a test) exits as usual."""
+    server = getattr(sys.modules.get("multiprocess.forkserver"), "_forkserver", None)
+    if server is None or server._forkserver_address is None or server._forkserver_pid is not None:
+        return  # not the fork server (the launcher has the server's pid; any other process has no address)
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if not pid:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+atexit.register(_reap_then_leave)  # (forked roles inherit it but leave by os._exit: it never runs in them)
 
 # What is loaded now stays out of the collector's reach: a role's full collection would otherwise write the GC
 # header of every inherited object, and each page it writes stops being shared with the server and the other roles.

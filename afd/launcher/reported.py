@@ -7,8 +7,8 @@ import numpy as np
 
 from ..config import Config
 from ..tokens import X_DTYPE_BY_NAME
-from . import memory as memory_mod
-from .memory import STATUS, STATUS_FIELDS
+from ..runtime import memory as memory_mod
+from ..runtime.memory import STATUS, STATUS_FIELDS
 
 
 class ReportedMemory:

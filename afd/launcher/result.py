@@ -6,26 +6,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import Config
-from ..model import Model, reference_digests
-from .memory import STATUS
+from ..runtime.memory import STATUS
+from .reference import REFERENCE_BUDGET_S, reference as reference_in_process
 
 # Exit codes of `afd run` by what ended the run.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOST, EXIT_PROTOCOL = 0, 1, 2, 3, 4
 _LOST_KINDS = {"died", "hang", "controller", "join"}
-
-
-REFERENCE_BUDGET_S = 1.0
-
-
-def _within_budget(cfg: Config, steps: np.ndarray, budget_s: float) -> np.ndarray:
-    """The prefix of `steps` whose reference fits the budget (timed on the first step; at least one)."""
-    import time
-    if len(steps) <= 1:
-        return steps
-    t0 = time.perf_counter()
-    reference_digests(cfg, steps[:1])
-    per_step = max(time.perf_counter() - t0, 1e-6)
-    return steps[:max(1, int(budget_s / per_step))]
 
 
 def percentiles(samples_ns: list[int]) -> dict[str, float] | None:
@@ -112,7 +98,9 @@ def _fault_report(mem, faults, failure, detect_ns: int) -> list[dict]:
 
 
 def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_codes: dict, wall_s: float,
-                 faults: list = ()) -> Result:
+                 faults: list = (), reference=reference_in_process) -> Result:
+    """The Result from the controller's result, the run's memory and the exit codes; `reference` computes the
+    reference digests (afd.launcher.reference: the launcher passes forked_reference)."""
     controller = controller or {}
     reports = controller.get("reports", {})
     failure = controller.get("failure")
@@ -141,34 +129,34 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
     micro_batches = sum((u // (L * M)) * M + max(0, u % (L * M) - (L - 1) * M) for u in mem.units_done())
     layers_done = int(controller.get("done", 0))
     match, compared, mismatches = None, int(written.sum()), []
-    ref_finals: dict = {}
+    outputs, ref_finals = {}, {}
+    finals = steps_done >= cfg.steps
+    log = list(controller.get("log", []))
     if cfg.check_reference:
-        # The reference only for the steps the ring holds: a long or stopped run costs what it ran, no more.
-        held = np.unique(tags[written] - 1)[::-1]  # newest first
-        if outcome != "completed":
-            # A stopped or failed run can have run for hours: check the newest steps within a time budget so
-            # the launcher exits promptly; a completed run is checked in full (every step the ring holds).
-            held = _within_budget(cfg, held, REFERENCE_BUDGET_S)
-            written &= np.isin(tags - 1, held)
-        compared = int(written.sum())  # what is really checked, after the time budget
-        ref = reference_digests(cfg, held)
-        row_of = {int(t): i for i, t in enumerate(held)}
-        got = (digests & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        for r, s, m in zip(*written.nonzero()):
-            t = int(tags[r, s, m]) - 1
-            if got[r, s, m] != ref[row_of[t], s, m]:
-                mismatches.append({"step": t, "session": int(s), "micro_batch": int(m)})
-        mismatches.sort(key=lambda d: (d["step"], d["session"], d["micro_batch"]))
-        match = not mismatches
-    outputs = {}
-    if steps_done >= cfg.steps:
-        model = Model(cfg)
+        # The reference only for the units the ring holds, newest first: a stopped or failed run is checked within a
+        # time budget (its newest units), a completed one in full.
+        order = np.argsort(-tags[written], kind="stable")
+        cells = [tuple(int(i) for i in cell) for cell in np.argwhere(written)[order]]  # (ring row, session, mb)
+        units = [(int(tags[cell]) - 1, cell[1], cell[2]) for cell in cells]
+        try:
+            ref = reference(cfg.model_dump_json(), units, None if outcome == "completed" else REFERENCE_BUDGET_S,
+                            finals)
+        except Exception as exc:  # noqa: BLE001 - the run's report matters more than its reference check
+            log.append(f"reference check failed: {exc}")
+            ref = None
+        if ref is not None:
+            ref_finals = ref["finals"]
+            compared = len(ref["digests"])  # what is really checked, after the time budget
+            for cell, (t, s, m), want in zip(cells, units, ref["digests"]):
+                if int(digests[cell]) & 0xFFFFFFFF != want:
+                    mismatches.append({"step": t, "session": s, "micro_batch": m})
+            mismatches.sort(key=lambda d: (d["step"], d["session"], d["micro_batch"]))
+            match = not mismatches
+    if finals:
         out = mem.outputs()
         for s in range(cfg.sessions):
             for m in range(cfg.micro_batch_num):
                 outputs[(s, m)] = out[s, m, :cfg.valid_tokens].copy()
-                if cfg.check_reference:
-                    ref_finals[(s, m)] = model.forward(cfg.steps - 1, s, m)
 
     hops: dict[str, list] = {}
     for role, rep in reports.items():
@@ -216,5 +204,5 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
                   run_s=float(controller.get("run_s") or wall_s), wall_s=wall_s, hops_us=hops_us,
                   outputs_match_reference=match, compared=compared, mismatches=mismatches[:50], roles=roles,
                   failure=failure, in_flight=in_flight, malformed_messages=int(controller.get("malformed", 0)),
-                  refused_messages=int(controller.get("unknown_senders", 0)), log=list(controller.get("log", [])),
+                  refused_messages=int(controller.get("unknown_senders", 0)), log=log,
                   outputs=outputs, reference=ref_finals, events=events, metrics=run_metrics, rss=rss)

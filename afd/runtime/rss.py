@@ -10,7 +10,7 @@ def usage() -> dict[str, float]:
     """peak_mb (peak RSS of this process) and, at the call, rss_mb = anon_mb + file_mb + shmem_mb (shmem: the pages
     of shared-memory windows this process touched), private_mb (pages no other process maps: what ending this process
     frees) and pss_mb (each page divided by the processes that map it); {} where /proc is not there. Roles are forked
-    from one server (afd.runtime.pipeline.role_context), so most of their anon pages are the server's, shared until
+    from one server (afd.launcher.forkserver.role_context), so most of their anon pages are the server's, shared until
     written: counted whole in each one's RSS, once in the sum of their PSS."""
     out = {}
     try:

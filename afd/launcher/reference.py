@@ -1,0 +1,74 @@
+"""The reference check of a run's outputs: what the single-process model computes for the units the run wrote.
+
+The launcher never computes it itself: the model's attention runs a numba kernel, and importing numba and loading
+the kernels cost the launcher 0.5-1 s at the end of every run. A process forked from the fork server (afd.launcher.
+forkserver) has both loaded already, so the launcher asks one (forked_reference) and only compares."""
+from __future__ import annotations
+
+import time
+
+# A stopped or failed run can have run for hours: only its newest units are checked, as many as fit this much of
+# the checker's time (at least one), so the launcher exits promptly; a completed run is checked in full.
+REFERENCE_BUDGET_S = 0.05
+
+
+def reference(config_json: str, units: list, budget_s: float | None, finals: bool) -> dict:
+    """Digests of `units` [(step, session, micro_batch)] in their order until budget_s has passed (at least one;
+    all when None), and, when `finals`, the final step's output of every (session, micro_batch)."""
+    from ..config import Config
+    from ..model import Model, digest
+
+    cfg = Config.model_validate_json(config_json)
+    model = Model(cfg)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    last = cfg.steps - 1
+    digests, outputs = [], {}
+    for t, s, m in units:
+        y = model.forward(t, s, m)
+        digests.append(digest(y))
+        if finals and t == last:
+            outputs[(s, m)] = y
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    if finals:
+        outputs.update({(s, m): model.forward(last, s, m) for s in range(cfg.sessions)
+                        for m in range(cfg.micro_batch_num) if (s, m) not in outputs})
+    return {"digests": digests, "finals": outputs}
+
+
+def _checker_entry(launcher: dict, conn, config_json: str, units: list, budget_s: float | None, finals: bool) -> None:
+    from .forkserver import adopt
+    from .signals import ignore_stop_signals
+
+    ignore_stop_signals()
+    adopt(launcher)
+    conn.send(reference(config_json, units, budget_s, finals))
+    conn.close()
+
+
+def forked_reference(config_json: str, units: list, budget_s: float | None, finals: bool,
+                     timeout_s: float = 600.0) -> dict:
+    """reference() in a process forked from the fork server; a checker that fails or runs out of time raises."""
+    from .forkserver import launcher_state, role_context
+    from .signals import blocked_stop_signals
+
+    ctx = role_context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_checker_entry, args=(launcher_state(), send, config_json, units, budget_s, finals),
+                       name="reference", daemon=False)
+    with blocked_stop_signals():
+        proc.start()
+    send.close()
+    try:
+        if not receive.poll(timeout_s):
+            raise TimeoutError(f"the reference check took more than {timeout_s:g} s")
+        return receive.recv()
+    except EOFError:
+        raise RuntimeError(f"the reference check failed (exit code {proc.exitcode})") from None
+    finally:
+        receive.close()
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        proc.close()
