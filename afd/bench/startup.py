@@ -61,7 +61,7 @@ def _run(argv: list[str], env: dict) -> tuple[float, float, int]:
 def measure(quick: bool = False, runs: int | None = None, progress=None) -> dict:
     """Median wall and CPU time of each command over `runs` rounds; a round runs every command once, so load that
     comes and goes weighs on all of them alike. Targets are judged on the median wall time."""
-    runs = runs or (3 if quick else 9)
+    runs = runs or (1 if quick else 7)
     work = tempfile.mkdtemp(prefix="afd-bench-startup-")
     env = {k: v for k, v in os.environ.items() if k != "AFD_NPU"}  # a plain torch start, not one under `afd npu`
     env["AFD_RUN_DIR"] = os.path.join(work, "runs")  # `afd stop` finds no pipeline and no torch job
