@@ -18,22 +18,7 @@ import torch
 from .. import comm
 from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, AfdError
 from ..ops import _polling, catalog
-from ..ops import attention_worker_scheduler as _attention_scheduler_op
-from ..ops import ffn_worker_scheduler as _ffn_scheduler_op
 from ..ops._context import as_context
-from ..ops.attention_to_ffn import attention_to_ffn, check_attention_to_ffn_host
-from ..ops.attention_worker_combine import (
-    attention_worker_combine,
-    check_attention_worker_combine_host,
-    warm_up,
-)
-from ..ops.ffn_to_attention import _IDS, check_ffn_to_attention_host, ffn_to_attention
-from ..ops.ffn_worker_batching import (
-    FfnBatch,
-    check_ffn_worker_batching_host,
-    ffn_worker_batching,
-)
-from ..ops.ffn_worker_scheduler import check_ffn_worker_scheduler_host
 from . import direct, faults, module, tensors, trace, watchdog
 from .memory import memory
 from .module import current_stream
@@ -243,8 +228,8 @@ _warming: threading.Thread | None = None
 
 
 def warm_kernels_in_background() -> None:
-    """Load (once per machine: compile) the combine's compiled kernels now, beside the script's own start-up, so
-    no first call waits for them and none loads under the watchdog."""
+    """Load (once per machine: compile) the operators' compiled kernels in a thread, beside the script's own work
+    from its first AFD call on, so later calls find them loaded."""
     global _warming
     if _warming is None:
         def warm():
@@ -262,6 +247,7 @@ def warm_kernels_in_background() -> None:
 
 def _ensure_warm(token_dtype: int) -> None:
     if token_dtype not in _warm and token_dtype in (0, 1):
+        from ..ops.attention_worker_combine import warm_up
         warm_up(token_dtype)
         _warm.add(token_dtype)
 
@@ -287,6 +273,7 @@ def _shapes_of(a: dict) -> dict:
 
 # -- the kernels, one per operator ----------------------------------------------------------------------------------
 def _attention_worker_combine(op, entry, a):
+    from ..ops.attention_worker_combine import attention_worker_combine, check_attention_worker_combine_host
     schedule_context, expert_scales, layer_id = a["schedule_context"], a["expert_scales"], a["layer_id"]
     hidden_size, token_dtype, need_schedule = a["hidden_size"], a["token_dtype"], a["need_schedule"]
     generation = _generation(entry)
@@ -318,6 +305,7 @@ def _attention_worker_combine(op, entry, a):
 
 
 def _run_scheduler(op, entry, a, fn):
+    from ..ops.ffn_worker_scheduler import check_ffn_worker_scheduler_host
     self = a["self"]
     _context_tensor(entry, self)
     if op.name == "attention_worker_scheduler_":
@@ -347,16 +335,18 @@ def _attention_scheduler_checks(entry, self) -> None:
 
 
 def _attention_worker_scheduler(op, entry, a):
-    return _run_scheduler(op, entry, a, lambda ctx: _attention_scheduler_op.attention_worker_scheduler_(
-        ctx, idle=_policy()))
+    from ..ops.attention_worker_scheduler import attention_worker_scheduler_
+    return _run_scheduler(op, entry, a, lambda ctx: attention_worker_scheduler_(ctx, idle=_policy()))
 
 
 def _ffn_worker_scheduler(op, entry, a):
-    return _run_scheduler(op, entry, a, lambda ctx: _ffn_scheduler_op.ffn_worker_scheduler_(
+    from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
+    return _run_scheduler(op, entry, a, lambda ctx: ffn_worker_scheduler_(
         ctx, a["sync_group_size"], a["execute_mode"], idle=_policy()))
 
 
 def _ffn_worker_batching(op, entry, a):
+    from ..ops.ffn_worker_batching import FfnBatch, check_ffn_worker_batching_host, ffn_worker_batching
     schedule_context, expert_num = a["schedule_context"], a["expert_num"]
     token_dtype, need_schedule, layer_num = a["token_dtype"], a["need_schedule"], a["layer_num"]
     generation, sync_flag = _generation(entry), bool(a.get("sync_flag", False))
@@ -397,6 +387,7 @@ def _group(entry, name: str):
 
 
 def _attention_to_ffn(op, entry, a):
+    from ..ops.attention_to_ffn import attention_to_ffn, check_attention_to_ffn_host
     named = {k: a.get(k) for k in ("x", "session_id", "micro_batch_id", "layer_id", "expert_ids",
                                    "expert_rank_table", "scales", "active_mask")}
     _need_npu(entry, **named)
@@ -428,6 +419,7 @@ def _attention_to_ffn(op, entry, a):
 
 
 def _ffn_to_attention(op, entry, a):
+    from ..ops.ffn_to_attention import _IDS, check_ffn_to_attention_host, ffn_to_attention
     named = {k: a[k] for k in ("x", *_IDS, "actual_token_num")}
     attn_rank_table = a.get("attn_rank_table")
     _need_npu(entry, **named, attn_rank_table=attn_rank_table)
@@ -500,6 +492,8 @@ def kernel_for(entry: catalog.Entry, validate=None):
     run = impl[op.name]
 
     def kernel(*args, **kwargs):
+        if _warming is None:
+            warm_kernels_in_background()
         a = sig.bind(args, kwargs)
         if validate is not None:
             validate(a)
@@ -556,6 +550,7 @@ def register(namespace: str, validators: dict | None = None, meta_validators: di
 
 
 def install() -> None:
-    """Define torch_npu 2.14's ops in the npu namespace, with their npu kernels and meta (fake) functions."""
+    """Define torch_npu 2.14's ops in the npu namespace, with their npu kernels and meta (fake) functions. The
+    compiled kernels load in the background from the first AFD call on, not here: a torch process's start does
+    not pay for numba and ml_dtypes (nor share the GIL with their import)."""
     register(catalog.NPU)
-    warm_kernels_in_background()

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _dlpack
 
-from .. import tokens
 from .memory import ROUND, memory
 
 KDL_CPU = 1
@@ -278,19 +277,23 @@ def to_npu_copy(r: torch.Tensor, index: int) -> torch.Tensor:
 
 _views: dict[tuple, np.ndarray] = {}
 _NP_DTYPES: dict = {}
-_TOKEN_NAMES = {name: dtype for dtype, name in tokens.DTYPE_NAMES.items()}
+_NUMPY_ONLY = (torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32,
+               torch.int64, torch.bool)  # what torch's own .numpy() gives (the others come from afd.tokens)
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
     d = _NP_DTYPES.get(dtype)
     if d is None:
-        name = str(dtype).removeprefix("torch.")
         if dtype == torch.float4_e2m1fn_x2:
             d = np.dtype(np.uint8)  # two fp4 values per byte, as the window and the real tensor keep them
-        elif name in _TOKEN_NAMES:
-            d = _TOKEN_NAMES[name]  # bfloat16 and the fp8 types (ml_dtypes)
-        else:
+        elif dtype in _NUMPY_ONLY:
             d = torch.empty(0, dtype=dtype).numpy().dtype
+        else:  # bfloat16 and the fp8 types: ml_dtypes', by torch's name (imported here, on first use: a slow import)
+            from .. import tokens
+            names = {name: np_dtype for np_dtype, name in tokens.DTYPE_NAMES.items()}
+            d = names.get(str(dtype).removeprefix("torch."))
+            if d is None:
+                d = torch.empty(0, dtype=dtype).numpy().dtype  # (raises torch's own error for the rest)
         _NP_DTYPES[dtype] = d
     return d
 

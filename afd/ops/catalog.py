@@ -11,9 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import tokens
 from ._spec import OutputSpec
-from .ffn_worker_batching import output_spec as _batching_output_spec
 
 NPU = "npu"  # torch_npu 2.14 (torch.ops.npu, torch_npu.<name>)
 COT = "cann_ops_transformer"  # the Ascend 950 package (torch.ops.cann_ops_transformer)
@@ -63,12 +61,14 @@ class Operator:
 def _combine_outputs(args: dict, generation: str) -> tuple[OutputSpec, ...]:
     """y [BS from expert_scales, H]: fp16 for token_dtype 0, bf16 otherwise (the 950's MX modes give bf16 too);
     next_layer_id [layer_id's length] int32. Tensor arguments come as their shapes."""
+    from .. import tokens  # (on first use: ml_dtypes is a slow import, and registering the ops needs none of it)
     y = tokens.FP16 if args.get("token_dtype", 0) == 0 else tokens.BF16
     return (OutputSpec("y", (int(args["expert_scales"][0]), int(args["hidden_size"])), y, tokens.DTYPE_NAMES[y]),
             OutputSpec("next_layer_id", (int(args["layer_id"][0]),), np.dtype(np.int32), "int32"))
 
 
 def _batching_outputs(args: dict, generation: str) -> tuple[OutputSpec, ...]:
+    from .ffn_worker_batching import output_spec as _batching_output_spec
     return _batching_output_spec(args["expert_num"], args["max_out_shape"], args.get("token_dtype", 0), generation,
                                  args.get("mx_output_uint8", False))
 
