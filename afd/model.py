@@ -9,7 +9,6 @@ import numpy as np
 from .config import Config
 from .tokens import BF16, FP16, X_DTYPE_BY_NAME
 
-DTYPES = X_DTYPE_BY_NAME  # (the name runtime/memory.py imports)
 GATE_FEATURES = 64  # the gate reads the first 64 features: cheap, still data-dependent routing
 
 _SEED_INPUT, _SEED_ATTN, _SEED_GATE, _SEED_EXPERT = 11, 13, 17, 19

@@ -9,7 +9,6 @@ from .. import comm
 from ..config import TOKEN_DTYPE_CODE, Config
 from ..device import Device
 from ..layout import ScheduleContext
-from ..model import DTYPES
 from ..ops.schedule_context import create_schedule_context_holder
 
 # Session stream counters: device events between the roles of one attention session (aclrtRecordEvent-like).
@@ -91,7 +90,8 @@ class RunMemory:
         self.local_sessions = [s for s in range(c.sessions) if host is None or c.session_host(s) == host]
         self.local_ranks = [f for f in range(c.ffn_ranks) if host is None or c.ffn_host(f) == host]
         self.remote = None  # host -> afd.comm_remote.AgentLink, set by the role runtime for other hosts' windows
-        self.dtype = DTYPES[config.token_dtype]
+        from ..tokens import X_DTYPE_BY_NAME  # (here: ml_dtypes is a slow import `afd check` never needs)
+        self.dtype = X_DTYPE_BY_NAME[config.token_dtype]
         c = config
         self.stream_layout = SessionStreamLayout(c.ffn_ranks, c.micro_batch_num, c.micro_batch_size, c.top_k,
                                                  c.hidden_size, c.itemsize)
