@@ -74,6 +74,15 @@ def _hold_signals() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def _quick_exit() -> None:
+    """At this process's exit, keep what it loaded (numpy, pydantic, zmq, rich) out of the interpreter's final
+    collection, which walked all of it: ~0.15 s of every `afd run`'s end, after the run. Nothing of the run needs a
+    finalizer by then (its processes, segments and sockets are closed). Registered last, it runs first."""
+    import atexit
+    import gc
+    atexit.register(gc.freeze)
+
+
 def main(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -107,6 +116,7 @@ def main(args) -> int:
         else:
             result = pipeline.wait()
     _hold_signals()  # the run is over: what is left is writing what it found, which a late SIGTERM must not cut
+    _quick_exit()
     lost = _write_outputs(args, result)
     Console().print(summary_table(result))
     if result.exit_code:

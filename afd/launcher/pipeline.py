@@ -23,7 +23,7 @@ from ..runtime.memory import STATUS, RunMemory
 from .entry import controller_entry, role_entry
 from .forkserver import launcher_state, role_context
 from .reaper import Reaper
-from .reference import forked_reference
+from .reference import Checker
 from .result import Result, build_result
 from .signals import STOP_SIGNALS, Signalled, blocked_stop_signals
 
@@ -57,6 +57,7 @@ class Pipeline:
         self._waiting = False
         self._old_handlers: dict = {}
         self._reaper: Reaper | None = None
+        self._checker: Checker | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -127,6 +128,8 @@ class Pipeline:
                 proc.start()
             self.processes[role] = proc
         self.pids = {r: p.pid for r, p in self.processes.items()}
+        if self.cfg.check_reference:
+            self._checker = Checker(ctx, launcher)
 
     def _publish(self, plan: dict, namespace: str, **extra) -> None:
         """Join the controller as `launcher` and write run.json (0600) so `afd stop` can find this run."""
@@ -328,7 +331,7 @@ class Pipeline:
             mem = ReportedMemory(self.cfg, self._controller_result)
         self.result = build_result(self.cfg, mem, self._controller_result, getattr(self, "_died_first", None),
                                    exit_codes, time.monotonic() - self._started, self.faults,
-                                   reference=forked_reference)
+                                   reference=self._checker)  # (None only when nothing is checked)
         return self.result
 
     def _reap(self, grace: float, joining_grace: float = 10.0) -> None:
@@ -368,6 +371,9 @@ class Pipeline:
                 proc.close()
             except (ValueError, AttributeError):
                 pass
+        if self._checker is not None:
+            self._checker.close()
+            self._checker = None
         if self.zctx is not None:
             self.zctx.destroy(linger=0)
             self.zctx = None

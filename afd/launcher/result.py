@@ -135,9 +135,8 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
     if cfg.check_reference:
         # The reference only for the units the ring holds, newest first: a stopped or failed run is checked within a
         # time budget (its newest units), a completed one in full.
-        order = np.argsort(-tags[written], kind="stable")
-        cells = [tuple(int(i) for i in cell) for cell in np.argwhere(written)[order]]  # (ring row, session, mb)
-        units = [(int(tags[cell]) - 1, cell[1], cell[2]) for cell in cells]
+        cells = np.argwhere(written)[np.argsort(-tags[written], kind="stable")]  # (ring row, session, mb)
+        units = np.column_stack([tags[tuple(cells.T)] - 1, cells[:, 1:]])  # (step, session, mb), newest first
         try:
             ref = reference(cfg.model_dump_json(), units, None if outcome == "completed" else REFERENCE_BUDGET_S,
                             finals)
@@ -146,10 +145,11 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
             ref = None
         if ref is not None:
             ref_finals = ref["finals"]
-            compared = len(ref["digests"])  # what is really checked, after the time budget
-            for cell, (t, s, m), want in zip(cells, units, ref["digests"]):
-                if int(digests[cell]) & 0xFFFFFFFF != want:
-                    mismatches.append({"step": t, "session": s, "micro_batch": m})
+            want = np.asarray(ref["digests"], np.uint64)
+            compared = len(want)  # what is really checked, after the time budget
+            got = digests[tuple(cells[:compared].T)] & np.uint64(0xFFFFFFFF)
+            mismatches = [{"step": int(t), "session": int(s), "micro_batch": int(m)}
+                          for t, s, m in units[:compared][got != want]]
             mismatches.sort(key=lambda d: (d["step"], d["session"], d["micro_batch"]))
             match = not mismatches
     if finals:

@@ -50,6 +50,7 @@ class Controller:
         self.last_seen: dict[str, float] = {}
         self.subscriptions = 0
         self.reports: dict[str, dict] = {}
+        self.silent: set[str] = set()  # roles whose report will never come (dead, hung): the end does not wait for them
         self.done: set[str] = set()
         self.phase = "joining"
         self.outcome = None
@@ -87,7 +88,8 @@ class Controller:
         self.in_flight = self.snapshot()
         if self.mem is not None:
             self.mem.stop_all()  # the truth: every poll re-reads run_flag
-        self.broadcast("stop", {"reason": reason})  # the wake-up (and, across hosts, each host writes its run_flag)
+        # the wake-up (and, across hosts, each host writes its run_flag); the outcome tells a role what to report
+        self.broadcast("stop", {"reason": reason, "outcome": outcome})
         for identity in self.pending_welcome.values():  # roles still waiting for the plan never subscribed
             self.reply(identity, "stop", {"reason": reason})
         self.pending_welcome.clear()
@@ -189,6 +191,7 @@ class Controller:
                 self.note(f"refused a stop from {sender[:40]!r}: no valid run token", logging.WARNING)
         elif kind == "role_died" and sender == "launcher":
             role = payload.get("role")
+            self.silent.add(role)
             self.begin_stop("failed", f"{role} exited unexpectedly (exit code {payload.get('exitcode')})",
                             {"role": role, "kind": "died", "exitcode": payload.get("exitcode")})
         elif kind == "inject" and sender == "launcher":
@@ -286,7 +289,7 @@ class Controller:
                 done, total = self.progress()
                 self.reply(b"launcher", "progress", {"done": done, "total": total, "phase": self.phase})
             if self.phase == "stopping":
-                alive = set(self.registered) - set(self.reports)
+                alive = set(self.registered) - set(self.reports) - self.silent
                 if not self.agents:
                     if not alive or now - self.stop_at > 1.5:
                         self.finish()
@@ -345,6 +348,7 @@ class Controller:
         for role in self.expected:
             seen = self.last_seen.get(role)
             if seen is not None and role not in self.reports and now - seen > self.cfg.hang_timeout_s:
+                self.silent.add(role)
                 self.begin_stop("failed", f"{role} stopped heartbeating for {now - seen:.1f}s (hung)",
                                 {"role": role, "kind": "hang", "silent_s": round(now - seen, 3)})
                 return

@@ -23,6 +23,11 @@ from .memory import OP, STATUS, RunMemory
 
 EVENT_CAP = 100_000  # events kept per role (the newest)
 SAMPLE_CAP = 100_000  # latency samples kept per metric and role
+# What a run that did not complete reports of them: the newest only. Shipping, decoding and summarising a full ring
+# (100,000 events per role, as JSON through the controller to the launcher) took seconds at the end of a long run,
+# and a stop must be over in a blink; the metrics and the trace of a stopped run cover its last part.
+STOPPED_EVENTS = 2_000
+STOPPED_SAMPLES = 2_000
 
 # Waits that are usually the consequence of a stall elsewhere get twice the watchdog time, so the first report
 # names the cause: a role's wait on its own session stream, and an FFN rank waiting for work (attention drives
@@ -58,6 +63,7 @@ class RoleRuntime:
         self.metrics: dict[str, Samples] = {}  # per-role latency samples, sent with the final report
         self.stopping = False
         self.stop_reason = ""
+        self.stop_outcome: str | None = None  # the run's outcome, as the controller's stop message says it
         self.malformed = 0
         self.directory: dict[str, str] = {}
         self._pushers: dict = {}  # role id -> doorbell ringer
@@ -314,6 +320,7 @@ class RoleRuntime:
             if kind == "stop":
                 self.stopping = True
                 self.stop_reason = payload.get("reason", "stop")
+                self.stop_outcome = payload.get("outcome")
             elif kind == "end":
                 self.ended = True
             elif kind == "fault":
@@ -403,9 +410,12 @@ class RoleRuntime:
         """Send the final report (stats, events) to the controller; best effort."""
         self.phase = outcome
         health.beat(self.role, outcome)
+        whole = self._run_completed(outcome)
+        events = list(self.events) if self.cfg and self.cfg.trace else []
         payload = {"role": self.role, "outcome": outcome, "malformed": self.malformed,
-                   "events": list(self.events) if self.cfg and self.cfg.trace else [], "extra": extra or {},
-                   "metrics": {k: v.tolist() for k, v in self.metrics.items()}, "pid": os.getpid(),
+                   "events": events if whole else events[-STOPPED_EVENTS:], "extra": extra or {},
+                   "metrics": {k: v.tolist(None if whole else STOPPED_SAMPLES) for k, v in self.metrics.items()},
+                   "pid": os.getpid(),
                    "clock_offset_ns": 0,  # add to local CLOCK_MONOTONIC to get the controller's clock (same host: 0)
                    "rss": rss.usage()}  # before close(): the windows are still mapped, so shmem_mb counts them
         if self.report_extra:
@@ -422,6 +432,27 @@ class RoleRuntime:
         except (zmq.ZMQError, AttributeError):
             pass
 
+    def _run_completed(self, outcome: str) -> bool:
+        """Whether the run completed, so this report carries every event and sample kept (else only the newest), as
+        far as this role can tell: it failed, or it was not stopped, or the controller's stop message says. A stop
+        seen in run_flag first waits a moment for that message (the controller sends it as it writes run_flag = 0);
+        without it, the whole report goes (the conservative side)."""
+        if outcome in ("failed", "orphaned"):
+            return False
+        if not (self.stopping or outcome == "stopped" or any(flag[0] == 0 for flag in self.watched_run_flags)):
+            return True  # (an FFN rank's loop ends on run_flag = 0 without a Stopped)
+        deadline = time.monotonic() + 0.05
+        while self.stop_outcome is None and getattr(self, "sub", None) is not None and time.monotonic() < deadline:
+            if not self.sub.poll(10):
+                continue
+            try:
+                kind, payload = control.decode(self.sub.recv_multipart(zmq.NOBLOCK))
+            except (zmq.Again, control.MalformedMessage):
+                continue
+            if kind == "stop":
+                self.stop_outcome = payload.get("outcome")
+        return self.stop_outcome in (None, "completed")
+
     def close(self) -> None:
         for bell in self._pushers.values():
             if isinstance(bell, doorbell.FifoRinger):
@@ -429,7 +460,8 @@ class RoleRuntime:
         if isinstance(getattr(self, "doorbell", None), doorbell.FifoDoorbell):
             self.doorbell.close()  # removes the FIFO: no socket file outlives the role
         if self.zctx is not None:
-            self.zctx.destroy(linger=1000)  # long enough to flush the final report, bounded if nobody listens
+            # long enough to flush the final report, bounded if nobody listens; an orphan's has nobody to go to
+            self.zctx.destroy(linger=0 if self.phase == "orphaned" else 1000)
             self.zctx = None
         if self.mem is not None:
             self.mem.device.close()
@@ -452,12 +484,14 @@ class Samples:
     def __len__(self) -> int:
         return min(self.n, len(self.buf))
 
-    def tolist(self) -> list[int]:
-        """The kept samples, oldest first."""
+    def tolist(self, newest: int | None = None) -> list[int]:
+        """The kept samples (the newest `newest` of them when given), oldest first."""
         if self.n <= len(self.buf):
-            return self.buf[:self.n].tolist()
-        i = self.n % len(self.buf)
-        return np.concatenate([self.buf[i:], self.buf[:i]]).tolist()
+            kept = self.buf[:self.n]
+        else:
+            i = self.n % len(self.buf)
+            kept = np.concatenate([self.buf[i:], self.buf[:i]])
+        return kept[-newest:].tolist() if newest else kept.tolist()
 
 
 class _OpSpan:
