@@ -219,6 +219,23 @@ def startup_table(startup: dict) -> Table:
     return table
 
 
+def stop_table(stop: dict) -> Table:
+    """Stop latency (afd.bench.stop): per config, and `afd stop` end to end, beside their targets."""
+    from rich.table import Table
+    table = Table(title=f"stop: run_flag = 0 -> the launcher's exit, its process group empty (afd.bench.stop), "
+                        f"{stop['runs']} per config")
+    table.caption = ("stopped by SIGTERM once running; not clean: a run whose report, segments, run directory or "
+                     "processes were not all done with at its exit; afd stop: its own start included, until it and "
+                     "the pipeline have exited (minimal config)")
+    for col in ("config", "median s", "max s", "not clean", "target", "verdict"):
+        table.add_column(col, justify="left" if col in ("config", "target", "verdict") else "right")
+    rows = [(name, row, stop["target_s"]) for name, row in stop["configs"].items()]
+    for name, row, target in rows + [("afd stop, end to end", stop["afd_stop"], stop["afd_stop"]["target_s"])]:
+        table.add_row(name, f"{row['median_s']:.3f}", f"{row['max_s']:.3f}", str(row["not_clean"]),
+                      f"max <= {target:g} s", _verdict(row["pass"]))
+    return table
+
+
 def _npu_combine(npu: dict) -> str:
     c = npu.get("combine")
     if not c:
@@ -238,6 +255,12 @@ def main(args) -> int:
     else:
         with err.status("afd bench: start-up times") as status:
             startup = measure_startup(quick=args.quick, progress=lambda what: status.update(f"afd bench: {what}"))
+    from ..bench.stop import measure as measure_stop
+    if args.json:
+        stop = measure_stop(quick=args.quick)
+    else:
+        with err.status("afd bench: stop latency") as status:
+            stop = measure_stop(quick=args.quick, progress=lambda what: status.update(f"afd bench: {what}"))
     if args.json:
         result = bench.measure(quick=args.quick)
     else:
@@ -252,6 +275,7 @@ def main(args) -> int:
                 result["scaling"] = measure_scaling(quick=args.quick, progress=lambda what: status.update(
                     f"afd bench: {what}"))
     result["startup"] = startup
+    result["stop"] = stop
     result["wall_s"] = time.monotonic() - t0
     if args.json:
         print(json.dumps(result, default=float))
@@ -260,6 +284,7 @@ def main(args) -> int:
     for table in tables(result):
         console.print(table)
     console.print(startup_table(result["startup"]))
+    console.print(stop_table(result["stop"]))
     if "scaling" in result:
         console.print(scaling_table(result["scaling"]))
         console.print(rss_table(result["scaling"]))
