@@ -62,6 +62,10 @@ def test_default_run_finishes_and_matches_the_reference(own_runs_root):
     line = next(ln for ln in out.splitlines() if "outputs match reference" in ln)
     assert "yes" in line, line
     assert "all exit 0" in out
+    # latency and hop rows name their unit once, in the row's name: microseconds (the samples are taken in ns)
+    rows = [ln for ln in out.splitlines() if "latency " in ln or "hop " in ln]
+    assert any("latency ffn (us)" in ln for ln in rows) and any("hop a2f (us)" in ln for ln in rows), out
+    assert all("_ns" not in ln and " us " not in ln.split("(us)", 1)[1] for ln in rows), rows
     assert not own_runs_root.exists() or not any(own_runs_root.iterdir()), "the run directory was left"
 
 

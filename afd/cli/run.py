@@ -43,7 +43,9 @@ def summary_table(result) -> Table:
     table.add_row("micro-batch layers per second", f"{result.micro_batch_layers_per_s:.1f}")
     for name, p in result.hops_us.items():
         if p:
-            table.add_row(f"latency {name}", f"p50 {p['p50']:.1f} us  p99 {p['p99']:.1f} us  (n={p['n']})")
+            # the samples' names say what the roles record (ns); the table shows microseconds, said once
+            table.add_row(f"latency {name.removesuffix('_ns')} (us)", f"p50 {p['p50']:.1f}  p99 {p['p99']:.1f}  "
+                                                                      f"(n={p['n']})")
     m = result.metrics
     if m:
         table.add_row("bubble fraction", f"{m['bubble_fraction']:.2f}" if m.get("bubble_fraction") is not None
@@ -52,7 +54,7 @@ def summary_table(result) -> Table:
                                                         for r, v in m["roles"].items()))
         for name, p in m["hops_us"].items():
             if p:
-                table.add_row(f"hop {name}", f"p50 {p['p50']:.1f} us  p90 {p['p90']:.1f} us  p99 {p['p99']:.1f} us")
+                table.add_row(f"hop {name} (us)", f"p50 {p['p50']:.1f}  p90 {p['p90']:.1f}  p99 {p['p99']:.1f}")
     match = result.outputs_match_reference
     table.add_row("outputs match reference", "not checked" if match is None else
                   ("yes" if match else f"NO ({len(result.mismatches)} differ)") + f" ({result.compared} compared)")
