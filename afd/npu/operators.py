@@ -247,7 +247,7 @@ def warm_kernels_in_background() -> None:
 
 def _ensure_warm(token_dtype: int) -> None:
     if token_dtype not in _warm and token_dtype in (0, 1):
-        from ..ops.attention_worker_combine import warm_up
+        warm_up, = _ops("warm_up")
         warm_up(token_dtype)
         _warm.add(token_dtype)
 
@@ -271,9 +271,33 @@ def _shapes_of(a: dict) -> dict:
     return {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
 
 
+_OPS: dict = {}
+_OP_MODULES = {  # where each operator function the kernels call lives
+    "attention_worker_combine": ("attention_worker_combine", "check_attention_worker_combine_host", "warm_up"),
+    "attention_worker_scheduler": ("attention_worker_scheduler_",),
+    "ffn_worker_scheduler": ("ffn_worker_scheduler_", "check_ffn_worker_scheduler_host"),
+    "ffn_worker_batching": ("FfnBatch", "check_ffn_worker_batching_host", "ffn_worker_batching"),
+    "attention_to_ffn": ("attention_to_ffn", "check_attention_to_ffn_host"),
+    "ffn_to_attention": ("_IDS", "check_ffn_to_attention_host", "ffn_to_attention"),
+}
+
+
+def _ops(*names: str) -> tuple:
+    """The operators' functions, imported at the first AFD call and kept here (the operator modules load ml_dtypes
+    and numba, slow imports a torch process need not pay at its start; an import statement in a hot path costs
+    ~2 us warm and ~45 us once the caches are cold, a dict lookup far less)."""
+    if not _OPS:
+        import importlib
+        for name, attrs in _OP_MODULES.items():
+            mod = importlib.import_module(f"afd.ops.{name}")
+            _OPS.update({a: getattr(mod, a) for a in attrs})
+    return tuple(_OPS[n] for n in names)
+
+
 # -- the kernels, one per operator ----------------------------------------------------------------------------------
 def _attention_worker_combine(op, entry, a):
-    from ..ops.attention_worker_combine import attention_worker_combine, check_attention_worker_combine_host
+    attention_worker_combine, check_attention_worker_combine_host = _ops("attention_worker_combine",
+        "check_attention_worker_combine_host")
     schedule_context, expert_scales, layer_id = a["schedule_context"], a["expert_scales"], a["layer_id"]
     hidden_size, token_dtype, need_schedule = a["hidden_size"], a["token_dtype"], a["need_schedule"]
     generation = _generation(entry)
@@ -305,7 +329,7 @@ def _attention_worker_combine(op, entry, a):
 
 
 def _run_scheduler(op, entry, a, fn):
-    from ..ops.ffn_worker_scheduler import check_ffn_worker_scheduler_host
+    check_ffn_worker_scheduler_host, = _ops("check_ffn_worker_scheduler_host")
     self = a["self"]
     _context_tensor(entry, self)
     if op.name == "attention_worker_scheduler_":
@@ -335,18 +359,19 @@ def _attention_scheduler_checks(entry, self) -> None:
 
 
 def _attention_worker_scheduler(op, entry, a):
-    from ..ops.attention_worker_scheduler import attention_worker_scheduler_
+    attention_worker_scheduler_, = _ops("attention_worker_scheduler_")
     return _run_scheduler(op, entry, a, lambda ctx: attention_worker_scheduler_(ctx, idle=_policy()))
 
 
 def _ffn_worker_scheduler(op, entry, a):
-    from ..ops.ffn_worker_scheduler import ffn_worker_scheduler_
+    ffn_worker_scheduler_, = _ops("ffn_worker_scheduler_")
     return _run_scheduler(op, entry, a, lambda ctx: ffn_worker_scheduler_(
         ctx, a["sync_group_size"], a["execute_mode"], idle=_policy()))
 
 
 def _ffn_worker_batching(op, entry, a):
-    from ..ops.ffn_worker_batching import FfnBatch, check_ffn_worker_batching_host, ffn_worker_batching
+    FfnBatch, check_ffn_worker_batching_host, ffn_worker_batching = _ops(
+        "FfnBatch", "check_ffn_worker_batching_host", "ffn_worker_batching")
     schedule_context, expert_num = a["schedule_context"], a["expert_num"]
     token_dtype, need_schedule, layer_num = a["token_dtype"], a["need_schedule"], a["layer_num"]
     generation, sync_flag = _generation(entry), bool(a.get("sync_flag", False))
@@ -387,7 +412,7 @@ def _group(entry, name: str):
 
 
 def _attention_to_ffn(op, entry, a):
-    from ..ops.attention_to_ffn import attention_to_ffn, check_attention_to_ffn_host
+    attention_to_ffn, check_attention_to_ffn_host = _ops("attention_to_ffn", "check_attention_to_ffn_host")
     named = {k: a.get(k) for k in ("x", "session_id", "micro_batch_id", "layer_id", "expert_ids",
                                    "expert_rank_table", "scales", "active_mask")}
     _need_npu(entry, **named)
@@ -419,7 +444,8 @@ def _attention_to_ffn(op, entry, a):
 
 
 def _ffn_to_attention(op, entry, a):
-    from ..ops.ffn_to_attention import _IDS, check_ffn_to_attention_host, ffn_to_attention
+    _IDS, check_ffn_to_attention_host, ffn_to_attention = _ops("_IDS", "check_ffn_to_attention_host",
+        "ffn_to_attention")
     named = {k: a[k] for k in ("x", *_IDS, "actual_token_num")}
     attn_rank_table = a.get("attn_rank_table")
     _need_npu(entry, **named, attn_rank_table=attn_rank_table)
