@@ -1,1 +1,1 @@
-"""The launcher: a run's Pipeline, the processes it forks (entry points, fork server), signals, results, report files."""
+"""The launcher: a run's Pipeline, its processes' entry points and fork server, signals, results and report files."""

@@ -1,8 +1,9 @@
 """The reference check of a run's outputs: what the single-process model computes for the units the run wrote.
 
 The launcher never computes it itself: the model's attention runs a numba kernel, and importing numba and loading
-the kernels cost the launcher 0.5-1 s at the end of every run. A process forked from the fork server (afd.launcher.
-forkserver) has both loaded already, so the launcher asks one (Checker), forked when the run starts, and only compares."""
+the kernels cost the launcher 0.5-1 s at the end of every run. A process forked from the fork server
+(afd.launcher.forkserver) has both loaded already, so the launcher asks one (Checker, forked when the run starts)
+and only compares."""
 from __future__ import annotations
 
 import time
@@ -13,8 +14,8 @@ REFERENCE_BUDGET_S = 0.05
 
 
 def reference(config_json: str, units, budget_s: float | None, finals: bool) -> dict:
-    """Digests of `units` (an array of rows step, session, micro_batch) in their order until budget_s has passed (at least one;
-    all when None), and, when `finals`, the final step's output of every (session, micro_batch)."""
+    """Digests of `units` (an array of rows step, session, micro_batch) in their order until budget_s has passed (at
+    least one; all when None), and, when `finals`, the final step's output of every (session, micro_batch)."""
     from ..config import Config
     from ..model import Model, digest
 
