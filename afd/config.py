@@ -32,6 +32,8 @@ class ControlConfig(_Strict):
     transport: Literal["ipc", "tcp"] = "ipc"
     host: StrictStr = "127.0.0.1"
     port: StrictInt = Field(0, ge=0, le=65535, description="0 = pick a free port")
+    trusted_network: StrictBool = Field(False, description="the hosts' network is trusted: window writes across "
+                                        "hosts travel unencrypted (still authenticated with the run's key)")
 
 
 class DeviceTimeConfig(_Strict):

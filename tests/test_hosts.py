@@ -207,3 +207,76 @@ def test_bad_hosts_sections(hosts, words):
 def test_several_hosts_need_tcp():
     with pytest.raises(ConfigError, match="tcp"):
         config_mod.load({k: v for k, v in TWO_HOSTS.items() if k != "control"})
+
+
+# -- the seal: only the run's key opens a message, once ----------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["encrypted", "trusted"])
+def test_sealed_transport_applies_the_runs_writes_and_refuses_others(mode):
+    import threading
+
+    import zmq
+
+    from afd.transport_seal import LinkSealer, transport_key
+    keys = {"client_secret": zmq.curve_keypair()[1].decode()}
+    dev = device.Device()
+    ctx = zmq.Context()
+    try:
+        buf = dev.malloc(4096)
+        rung = []
+        server = WindowServer({buf.address: LocalRegion(dev, buf.address, buf.size)}, ring=rung.append,
+                              key=transport_key(keys), seal=mode)
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        link = AgentLink(ctx, f"tcp://127.0.0.1:{port}", keys, "writer", "h", seal=mode)
+        win = RemoteWindow(link, buf.address, buf.size)
+        rows = np.arange(4 * 8, dtype=np.int16).reshape(4, 8)
+        src = np.repeat(rows, 2, axis=0)
+        win.put_rows_of(512, 64, np.arange(8), rows, np.repeat(np.arange(4), 2))  # travels as 4 rows + runs
+        win.put_i32(0, np.array([5, 6]), 1)
+        link.ring("sched0")
+        sent = []
+        sniff = ctx.socket(zmq.ROUTER)  # what an eavesdropper on the wire would see of the rows
+        done = threading.Event()
+
+        def serve():
+            while not done.is_set():
+                if router.poll(10):
+                    frames = router.recv_multipart()
+                    sent.append(frames)
+                    server.handle(router, frames)
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            assert win.get_i32(0, 8).tolist() == [0, 0, 0, 0, 0, 1, 1, 0]
+        finally:
+            done.set()
+            t.join()
+        sniff.close()
+        local = LocalWindow(dev, buf.address, buf.size)
+        got = local.bytes[512:512 + 8 * 64].reshape(8, 64)[:, :16].copy().view(np.int16)
+        np.testing.assert_array_equal(got, src)
+        assert rung == ["sched0"] and server.refused == 0
+        wire = b"".join(f for frames in sent for f in frames)
+        assert (rows[1].tobytes() in wire) == (mode == "trusted")  # rows in clear only on a trusted network
+        flag_put = next(frames for frames in sent if frames[1] == b"I")
+        # a replay of a message that was applied is refused
+        local.bytes[:32] = 0
+        server.handle(router, flag_put)
+        assert server.refused == 1 and local.i32(0, 8).tolist() == [0] * 8
+        # a message sealed with another run's key, or not sealed at all, is refused: nothing written, nobody rung
+        other = LinkSealer(transport_key({"client_secret": zmq.curve_keypair()[1].decode()}), mode)
+        server.handle(router, [b"x", *other.seal(b"I", flag_put[3:5], np.ones(2, "<i4").tobytes())])
+        server.handle(router, [b"x", b"N", b"sched0"])
+        server.handle(router, [b"x", b"I", __import__("struct").pack("<Qq", buf.address, 0),
+                               np.array([5], np.int64).tobytes(), np.ones(1, "<i4").tobytes()])
+        # a sealed message whose bytes were changed on the way does not open
+        forged = list(sent[0])
+        body = bytearray(forged[-2] if mode == "trusted" else forged[-1])
+        body[0] ^= 1
+        forged[-2 if mode == "trusted" else -1] = bytes(body)
+        forged[2] = forged[2][:16] + (10**6).to_bytes(8, "little") + forged[2][24:]  # (a fresh counter)
+        server.handle(router, forged)
+        assert server.refused == 5 and rung == ["sched0"] and local.i32(0, 8).tolist() == [0] * 8
+    finally:
+        ctx.destroy(linger=0)
+        dev.close()

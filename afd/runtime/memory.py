@@ -263,7 +263,9 @@ class RunMemory:
     def f2a_stamps(self, session: int, rank: int):
         """Where FFN rank `rank` stamps its last F2A flag store per micro-batch of `session` (for hop latency):
         `stamp(micro_batches, t_ns)`, a plain store on this host, an ordered put to the session host's agent
-        otherwise (sent before the flags, so a reader never sees flags without their stamp)."""
+        otherwise (sent before the flags, so a reader never sees flags without their stamp), which stamps its own
+        time when it applies it: the reader's clock, right before the flags' store; the F2A data sent ahead of the
+        flags is then not in the hop (the agent's `f2a_put_to_store_ns` samples hold the writer's put -> store)."""
         M = self.cfg.micro_batch_num
         if session in self.local_sessions:
             row = self.stream(session).f2a_last_flag_ns[rank]
@@ -275,7 +277,7 @@ class RunMemory:
         entry = self.plan["attention"][session]
         region = RemoteWindow(self._link(entry["host"]), entry["stream"] + self.stream_layout.f2a_offset,
                               8 * self.cfg.ffn_ranks * M)
-        return lambda mbs, t_ns: region.put_i64(8 * rank * M, mbs, t_ns)
+        return lambda mbs, t_ns: region.put_stamp(8 * rank * M, mbs, t_ns)  # the owner's time of the store
 
     def regions(self) -> dict:
         """What other hosts may write here (an agent's whitelist): this host's windows and F2A stamp areas."""
