@@ -14,11 +14,15 @@ from .pipeline import (
     measure_queue,
 )
 from .tracing import measure_overhead
+from .two_hosts import measure_transport, measure_two_hosts
 
 TARGET_RATIO_VS_QUEUE = 6.0  # issue 12 (3.0 before it)
 TARGET_FRACTION_OF_COPY_BOUND = 0.25  # issue 12; "The pipeline" asked 0.40, see the README
 TARGET_HOP_P50_US = 50.0
 TARGET_HOP_P50_SPIN_US = 5.0
+TARGET_TWO_HOST_VS_ONE_HOST = 0.5  # issue 21
+TARGET_TWO_HOST_HOP_P50_US = 1000.0  # issue 21: the remote flag hop (the flag's store at its owner -> return)
+TARGET_PIPELINE_VS_STAGE_IDEAL = 0.75  # issue 21, on a quiet machine
 
 
 def measure(quick: bool = False, progress=None) -> dict:
@@ -47,8 +51,12 @@ def measure(quick: bool = False, progress=None) -> dict:
     pipe = measure_pipeline(steps, "default", check_reference=True)
     step("pipeline (spin wait)")
     pipe_spin = measure_pipeline(max(2, steps // 4), "spin", check_reference=False)
-    step("pipeline across two hosts (remote window transport)")
-    pipe_two = measure_pipeline(steps, "default", check_reference=True, two_hosts=True)
+    step("pipeline across two hosts (remote window transport, encrypted)")
+    pipe_two = measure_two_hosts(steps, "default", check_reference=True)
+    step("pipeline across two hosts (trusted network: rows in clear, authenticated)")
+    pipe_two_trusted = measure_two_hosts(steps, "default", check_reference=True, trusted_network=True)
+    step("window transport alone (CURVE, AES-GCM, trusted, none)")
+    transport = measure_transport(repeats=5 if quick else 20)
     step("multiprocess.Queue baseline")
     queue = measure_queue(steps, check_reference=True)
     step("tracing on vs off")
@@ -59,6 +67,10 @@ def measure(quick: bool = False, progress=None) -> dict:
     rate = pipe["micro_batch_layers_per_s"]
     ratio_vs_queue = rate / queue["micro_batch_layers_per_s"] if queue["micro_batch_layers_per_s"] else 0.0
     fraction = rate / copy["micro_batch_layers_per_s"]
+    cores = os.cpu_count() or 1
+    # what the stage table allows: every stage once per micro-batch layer, on every core at once, nothing else
+    stage_ideal = cores * 1e3 / stage_table["total"]["ms"] if stage_table["total"]["ms"] else 0.0
+    two_vs_one = pipe_two["micro_batch_layers_per_s"] / rate if rate else 0.0
     result = {
         "quick": quick,
         "cpus": os.cpu_count(),
@@ -79,10 +91,20 @@ def measure(quick: bool = False, progress=None) -> dict:
         "pipeline_hop_latency_us_p99_spin": pipe_spin["hop_us_p99"],
         "pipeline_spin_micro_batch_layers_per_s": pipe_spin["micro_batch_layers_per_s"],
         "two_host_micro_batch_layers_per_s": pipe_two["micro_batch_layers_per_s"],
-        "two_host_vs_one_host": pipe_two["micro_batch_layers_per_s"] / rate if rate else 0.0,
+        "two_host_vs_one_host": two_vs_one,
+        "two_host_breakdown": {**pipe_two["breakdown_ms_per_micro_batch_layer"],
+                               "one_host_period": 1e3 / rate if rate else None},
+        "two_host_trusted_vs_one_host": pipe_two_trusted["micro_batch_layers_per_s"] / rate if rate else 0.0,
+        "two_host_trusted_breakdown": pipe_two_trusted["breakdown_ms_per_micro_batch_layer"],
         "two_host_hop_latency_us_p50": pipe_two["hop_us_p50"], "two_host_hop_latency_us_p99": pipe_two["hop_us_p99"],
+        "two_host_put_to_store_us_p50": pipe_two["put_to_store_us_p50"],
         "two_host_outputs_match_reference": pipe_two["outputs_match_reference"],
-        "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "pipeline_two_hosts": pipe_two, "queue": queue,
+        "two_host_trusted_outputs_match_reference": pipe_two_trusted["outputs_match_reference"],
+        "transport": transport,
+        "stage_ideal_micro_batch_layers_per_s": stage_ideal,
+        "pipeline_vs_stage_ideal": rate / stage_ideal if stage_ideal else 0.0,
+        "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "pipeline_two_hosts": pipe_two,
+                    "pipeline_two_hosts_trusted": pipe_two_trusted, "queue": queue,
                     "copy": copy, "hop": hop, "hop_spin": hop_spin,
                     "stages": {k: v for k, v in stage_table.items() if k not in ("rows", "total")}},
         "ops": ops,
@@ -108,6 +130,13 @@ def measure(quick: bool = False, progress=None) -> dict:
         "tracing_overhead": {"target": "<= 10%", "pass": tracing["overhead"] <= 0.10},
         "torch_combine_vs_numpy": {"target": f"<= {npu_bench.TARGET_COMBINE_RATIO:g}x",
                                    "pass": (npu.get("combine") or {}).get("pass")},
+        "two_host_vs_one_host": {"target": f">= {TARGET_TWO_HOST_VS_ONE_HOST:g}x",
+                                 "pass": two_vs_one >= TARGET_TWO_HOST_VS_ONE_HOST
+                                 and pipe_two["outputs_match_reference"] is True},
+        "two_host_hop_latency_us_p50": {"target": f"<= {TARGET_TWO_HOST_HOP_P50_US:g} us",
+                                        "pass": (pipe_two["hop_us_p50"] or 1e18) <= TARGET_TWO_HOST_HOP_P50_US},
+        "pipeline_vs_stage_ideal": {"target": f">= {TARGET_PIPELINE_VS_STAGE_IDEAL:.0%} (quiet machine)",
+                                    "pass": stage_ideal > 0 and rate / stage_ideal >= TARGET_PIPELINE_VS_STAGE_IDEAL},
     }
     return result
 

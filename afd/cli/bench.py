@@ -93,10 +93,16 @@ def tables(r: dict) -> list[Table]:
             ("tracing_overhead", f"{r['tracing_overhead']:.1%} (median of {r['tracing']['runs'] // 2} on/off pairs; "
                                  f"best on {r['tracing']['rate_on']:.1f} vs off {r['tracing']['rate_off']:.1f} "
                                  "micro-batch layers/s)"),
-            ("torch_combine_vs_numpy", _npu_combine(r.get("npu") or {}))]
+            ("torch_combine_vs_numpy", _npu_combine(r.get("npu") or {})),
+            ("two_host_vs_one_host", f"{r['two_host_vs_one_host']:.2f}x (trusted network "
+                                     f"{r['two_host_trusted_vs_one_host']:.2f}x)"),
+            ("two_host_hop_latency_us_p50", _f(r["two_host_hop_latency_us_p50"]) + " us (put -> store "
+                                            + _f(r["two_host_put_to_store_us_p50"]) + " us)"),
+            ("pipeline_vs_stage_ideal", f"{r['pipeline_vs_stage_ideal']:.1%} of "
+                                        f"{r['stage_ideal_micro_batch_layers_per_s']:.1f} micro-batch layers/s")]
     for name, measured in rows:
         tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
-    tables_ = [thr, hop, tgt]
+    tables_ = [thr, hop, tgt, two_host_table(r)]
     if r.get("stages"):
         tables_.append(stage_table(r["stages"], r.get("stages_total"), d.get("stages") or {}))
     if r.get("round_trip"):
@@ -115,6 +121,24 @@ def tables(r: dict) -> list[Table]:
                       f"numpy pipeline {rate:.1f} micro-batch layers/s")
         tables_.append(front)
     return tables_
+
+
+def two_host_table(r: dict) -> Table:
+    """Where the two-host pipeline's time goes, ms per micro-batch layer (afd.bench.two_hosts), and the transport
+    alone in its four ways."""
+    from rich.table import Table
+    tr = r.get("transport") or {}
+    table = Table(title="two hosts: ms per micro-batch layer (both directions)",
+                  caption=("transport alone, one micro-batch layer's writes: " + ", ".join(
+                      f"{m} {tr[m]['ms']:.2f} ms" for m in ("curve", "encrypted", "trusted", "none") if m in tr)))
+    for col in ("part", "encrypted (default)", "trusted network"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    enc, tru = r.get("two_host_breakdown") or {}, r.get("two_host_trusted_breakdown") or {}
+    for key in enc:
+        if key != "one_host_period":
+            table.add_row(key, _f(enc.get(key)), _f(tru.get(key)))
+    table.add_row("one host's period", _f(enc.get("one_host_period")), "")
+    return table
 
 
 def round_trip_table(rt: dict) -> Table:
