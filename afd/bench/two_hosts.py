@@ -24,7 +24,7 @@ _AGENT = ("open_ns", "apply_ns", "transfer_ns", "ring_ns")
 def measure_two_hosts(steps: int, wait: str = "default", check_reference: bool = True, trusted_network: bool = False,
                       attempts: int = 2) -> dict:
     """One two-host pipeline run and its transport breakdown (ms per micro-batch layer)."""
-    from ..runtime.pipeline import Pipeline
+    from ..launcher.pipeline import Pipeline
 
     control = {**TWO_HOSTS["control"], "trusted_network": trusted_network}
     for attempt in range(attempts):
