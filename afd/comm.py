@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Callable
 from typing import Protocol
 

@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, \
-    field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .inputs import CONFIG_CAP, InputError, read_text
 from .errors import ConfigError
+from .inputs import CONFIG_CAP, InputError, read_text
 from .layout import AttentionWindowLayout, FfnOutLayout, FfnWindowLayout, align512
 
 ITEMSIZE = {"fp16": 2, "bf16": 2}

@@ -5,11 +5,29 @@ import sys
 
 import numpy as np
 
-from afd.aclnn import (ACL_INT8, aclCreateTensor, aclDestroyTensor, aclnnInplaceAttentionWorkerScheduler,
-                       aclnnInplaceAttentionWorkerSchedulerGetWorkspaceSize)
-from afd.aclrt import (ACL_MEM_MALLOC_HUGE_FIRST, ACL_MEMCPY_DEVICE_TO_HOST, ACL_MEMCPY_HOST_TO_DEVICE, ACL_SUCCESS,
-                       aclFinalize, aclInit, aclrtCreateStream, aclrtDestroyStream, aclrtFree, aclrtMalloc,
-                       aclrtMemcpy, aclrtResetDevice, aclrtSetDevice, aclrtSynchronizeStream)
+from afd.aclnn import (
+    ACL_INT8,
+    aclCreateTensor,
+    aclDestroyTensor,
+    aclnnInplaceAttentionWorkerScheduler,
+    aclnnInplaceAttentionWorkerSchedulerGetWorkspaceSize,
+)
+from afd.aclrt import (
+    ACL_MEM_MALLOC_HUGE_FIRST,
+    ACL_MEMCPY_DEVICE_TO_HOST,
+    ACL_MEMCPY_HOST_TO_DEVICE,
+    ACL_SUCCESS,
+    aclFinalize,
+    aclInit,
+    aclrtCreateStream,
+    aclrtDestroyStream,
+    aclrtFree,
+    aclrtMalloc,
+    aclrtMemcpy,
+    aclrtResetDevice,
+    aclrtSetDevice,
+    aclrtSynchronizeStream,
+)
 from afd.layout import CONTEXT_SIZE, ScheduleContext
 
 

@@ -15,9 +15,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from afd import config as config_mod
-from afd import device
+from afd import device, preflight
 from afd import faults as faults_mod
-from afd import preflight
 from afd.cli import main
 from afd.device import SHM_DIR
 from afd.errors import AfdError

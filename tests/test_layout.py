@@ -5,9 +5,20 @@ import numpy as np
 import pytest
 
 from afd.errors import AfdError
-from afd.layout import (ATTENTION_MICRO_BATCH_ID_OFFSET, CONTEXT_SIZE, FFN_OUT_NUM_OFFSET, FFN_POLLING_INDEX_OFFSET,
-                        RUN_FLAG_OFFSET, SCHEDULE_CONTEXT_DTYPE, AttentionWindowLayout, FfnOutLayout,
-                        FfnWindowLayout, ScheduleContext, align512, field_offsets)
+from afd.layout import (
+    ATTENTION_MICRO_BATCH_ID_OFFSET,
+    CONTEXT_SIZE,
+    FFN_OUT_NUM_OFFSET,
+    FFN_POLLING_INDEX_OFFSET,
+    RUN_FLAG_OFFSET,
+    SCHEDULE_CONTEXT_DTYPE,
+    AttentionWindowLayout,
+    FfnOutLayout,
+    FfnWindowLayout,
+    ScheduleContext,
+    align512,
+    field_offsets,
+)
 
 # The offsets of the spec (§1), confirmed by the batching kernel's hard-coded 384/400/416/528/544/560/576.
 EXPECTED_OFFSETS = {

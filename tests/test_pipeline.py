@@ -15,8 +15,8 @@ import zmq
 from afd import config as config_mod
 from afd import control, device
 from afd.cli.stop import request_stop
-from afd.runtime.memory import STATUS
 from afd.launcher.pipeline import Pipeline
+from afd.runtime.memory import STATUS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_faults import assert_nothing_left
 
 from afd import trace
 from afd.config import load
 from afd.errors import ConfigError
-from afd.runtime.memory import RunMemory
 from afd.launcher.pipeline import Pipeline
-from test_faults import assert_nothing_left
+from afd.runtime.memory import RunMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 ASCEND950 = ROOT / "configs" / "ascend950.yaml"

@@ -252,9 +252,9 @@ def _queue_ffn(cfg_json: str, q_a2f, q_f2a, q_ready) -> None:
 def _queue_combine(cfg_json: str, q_f2a, q_scales, q_y, q_ready, q_done) -> None:
     from ..config import TOKEN_DTYPE_CODE, Config
     from ..model import digest
-    from ..tokens import X_DTYPE_BY_NAME
     from ..ops.attention_worker_combine import combine_tokens, warm_up
     from ..roles._schedule import total_units, unit
+    from ..tokens import X_DTYPE_BY_NAME
 
     cfg = Config.model_validate_json(cfg_json)
     dtype = X_DTYPE_BY_NAME[cfg.token_dtype]

@@ -64,7 +64,8 @@ def _fmt(n: int) -> str:
 
 
 def main(args) -> int:
-    from .. import config as config_mod, preflight
+    from .. import config as config_mod
+    from .. import preflight
     from ..layout import CONTEXT_SIZE
     from ..ops import _limits
     from ..preflight import sizes

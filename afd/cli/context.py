@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..inputs import CONFIG_CAP, read_capped, read_text
 from ..errors import AfdError
+from ..inputs import CONFIG_CAP, read_capped, read_text
 
 
 def add_parser(subparsers) -> None:

@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
 def environment(args, base: dict | None = None) -> dict:
     """The command's environment: the fake NPU switched on, the options as AFD_NPU_* variables."""
     from ..npu import ENV, SHIM_DIR
-    from ..npu.faults import ENV as FAULTS_ENV, parse_env
+    from ..npu.faults import ENV as FAULTS_ENV
+    from ..npu.faults import parse_env
     from ..npu.trace import ENV as TRACE_ENV
     from ..npu.watchdog import STALL_ENV, stall_timeout_s
     env = dict(os.environ if base is None else base)

@@ -121,9 +121,9 @@ def run_one(role_id: str, endpoint: str, keys: dict | None) -> int:
 
     from .. import control
     from ..config import AGENT_PREFIX
+    from ..ops._polling import Stopped
     from ..roles import ROLE_MODULES, split_role
     from ..runtime.role import RoleRuntime, run_role
-    from ..ops._polling import Stopped
 
     kind = "agent" if role_id.startswith(AGENT_PREFIX) else ROLE_MODULES[split_role(role_id)[0]]
     module = importlib.import_module(f"afd.roles.{kind}")
@@ -149,10 +149,10 @@ def run_controller(cfg, args) -> int:
     from .. import control
     from .. import faults as faults_mod
     from ..device import new_namespace
-    from ..roles.controller import Controller
     from ..launcher.report import write_report
     from ..launcher.reported import ReportedMemory
     from ..launcher.result import build_result
+    from ..roles.controller import Controller
     from .run import summary_table
 
     faults = faults_mod.parse_all(cfg.faults, cfg.role_ids()) + faults_mod.parse_all(args.faults, cfg.role_ids())

@@ -89,8 +89,8 @@ def main(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..preflight import check_output
     from ..launcher.pipeline import Pipeline
+    from ..preflight import check_output
     for flag in ("report", "log", "trace", "plot"):  # before the run: its end must not be lost to a bad path
         check_output(f"--{flag}", getattr(args, flag))
     if args.report and not args.log:
@@ -130,8 +130,8 @@ def main(args) -> int:
 
 def _write_outputs(args, result) -> list[tuple[str, OSError]]:
     """Every output asked for, each on its own: one that fails does not stop the others (nor the summary)."""
-    from ..plot import plot_result
     from ..launcher.report import write_log, write_report
+    from ..plot import plot_result
     from ..trace import write_result
     lost = []
     steps = [("--report", lambda: write_report(result, args.report, args.log)) if args.report else

@@ -13,9 +13,8 @@ import multiprocess
 import zmq
 
 from .. import config as config_mod
-from .. import control
+from .. import control, preflight
 from .. import faults as faults_mod
-from .. import preflight
 from ..config import Config
 from ..device import Device, new_namespace, sweep
 from ..errors import AfdError

@@ -6,9 +6,9 @@ import base64
 import numpy as np
 
 from ..config import Config
-from ..tokens import X_DTYPE_BY_NAME
 from ..runtime import memory as memory_mod
 from ..runtime.memory import STATUS, STATUS_FIELDS
+from ..tokens import X_DTYPE_BY_NAME
 
 
 class ReportedMemory:

@@ -7,7 +7,8 @@ import numpy as np
 
 from ..config import Config
 from ..runtime.memory import STATUS
-from .reference import REFERENCE_BUDGET_S, reference as reference_in_process
+from .reference import REFERENCE_BUDGET_S
+from .reference import reference as reference_in_process
 
 # Exit codes of `afd run` by what ended the run.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOST, EXIT_PROTOCOL = 0, 1, 2, 3, 4
@@ -163,7 +164,8 @@ def build_result(cfg: Config, mem, controller: dict | None, died_first, exit_cod
         for name, samples in (rep.get("metrics") or {}).items():
             hops.setdefault(name, []).extend(samples)
     hops_us = {name: percentiles(samples) for name, samples in sorted(hops.items())}
-    from .. import metrics as metrics_mod, trace as trace_mod
+    from .. import metrics as metrics_mod
+    from .. import trace as trace_mod
     events = trace_mod.collect(reports)
     run_metrics = metrics_mod.compute(events, cfg)
 

@@ -30,6 +30,7 @@ def setup() -> None:
     if _ready:
         return
     from torch.utils.backend_registration import _get_privateuse1_backend_name
+
     from . import module
     if _get_privateuse1_backend_name() != "npu":
         torch.utils.rename_privateuse1_backend("npu")

@@ -233,8 +233,12 @@ def warm_kernels_in_background() -> None:
     global _warming
     if _warming is None:
         def warm():
-            from ..ops._kernels import (warm_up_attention_to_ffn, warm_up_batching, warm_up_copy_rows,
-                                        warm_up_ffn_to_attention)
+            from ..ops._kernels import (
+                warm_up_attention_to_ffn,
+                warm_up_batching,
+                warm_up_copy_rows,
+                warm_up_ffn_to_attention,
+            )
             warm_up_copy_rows()  # (the window writers' row copy and sort by rank)
             warm_up_attention_to_ffn()
             warm_up_batching()

@@ -6,7 +6,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from .. import device as _device
-from ..errors import KernelError, KERNEL_STATUS_INNER_ERROR
+from ..errors import KERNEL_STATUS_INNER_ERROR, KernelError
 from ..layout import CONTEXT_SIZE, ScheduleContext
 
 T = TypeVar("T")

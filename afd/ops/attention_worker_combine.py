@@ -7,8 +7,16 @@ import numpy as np
 
 from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
 from ..layout import ATTENTION_MICRO_BATCH_ID_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG, ScheduleContext
-from ..tokens import (BF16, COMBINE_TOKEN_DTYPE_CODES, COMBINE_TOKEN_DTYPES, E8M0, MX_BLOCK, check_generation,
-                      describe_codes, mx_dequantize)
+from ..tokens import (
+    BF16,
+    COMBINE_TOKEN_DTYPE_CODES,
+    COMBINE_TOKEN_DTYPES,
+    E8M0,
+    MX_BLOCK,
+    check_generation,
+    describe_codes,
+    mx_dequantize,
+)
 from ._context import as_context, device_of, prepared, require_buffer, require_positive
 from ._polling import Idle, Stopped, Waiting, sched_yield
 

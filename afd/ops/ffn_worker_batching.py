@@ -8,10 +8,25 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, AclnnError, KernelError
-from ..layout import (CONTEXT_SIZE, EXPERT_ID_INIT, EXPERT_ID_SENTINEL, FFN_OUT_NUM_OFFSET,
-                      FFN_POLLING_INDEX_OFFSET, RUN_FLAG_OFFSET, VALID_FLAG, ScheduleContext)
-from ..tokens import (BATCHING_TOKEN_DTYPE_CODES, BATCHING_TOKEN_DTYPES, DTYPE_NAMES, FP4_E2M1, FP32,
-                      check_generation, describe_codes)
+from ..layout import (
+    CONTEXT_SIZE,
+    EXPERT_ID_INIT,
+    EXPERT_ID_SENTINEL,
+    FFN_OUT_NUM_OFFSET,
+    FFN_POLLING_INDEX_OFFSET,
+    RUN_FLAG_OFFSET,
+    VALID_FLAG,
+    ScheduleContext,
+)
+from ..tokens import (
+    BATCHING_TOKEN_DTYPE_CODES,
+    BATCHING_TOKEN_DTYPES,
+    DTYPE_NAMES,
+    FP4_E2M1,
+    FP32,
+    check_generation,
+    describe_codes,
+)
 from ._context import as_context, device_of, prepared, require_buffer
 from ._polling import Idle, Stopped, Waiting, sched_yield
 from ._spec import OutputSpec

@@ -5,10 +5,16 @@ import logging
 
 import numpy as np
 
-from ..errors import (ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, KERNEL_STATUS_OK, AclnnError,
-                      KernelError)
-from ..layout import (EXPERT_ID_SENTINEL, FFN_OUT_NUM_OFFSET, FFN_POLLING_INDEX_OFFSET, RUN_FLAG_OFFSET,
-                      VALID_FLAG, FfnWindowLayout, ScheduleContext)
+from ..errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, KERNEL_STATUS_OK, AclnnError, KernelError
+from ..layout import (
+    EXPERT_ID_SENTINEL,
+    FFN_OUT_NUM_OFFSET,
+    FFN_POLLING_INDEX_OFFSET,
+    RUN_FLAG_OFFSET,
+    VALID_FLAG,
+    FfnWindowLayout,
+    ScheduleContext,
+)
 from ._context import as_context, checked_product, device_of, prepared, require_buffer, require_positive
 from ._polling import Idle, Waiting, sched_yield
 

@@ -1,11 +1,18 @@
 """ScheduleContextHolder: torch_npu's owner of the 1024-byte context, its window layout, and stop_schedule()."""
 from __future__ import annotations
 
-
 from .. import device as _device
 from ..errors import AfdError
-from ..layout import (CONTEXT_SIZE, EXPERT_ID_INIT, RUN_FLAG_OFFSET, AttentionWindowLayout, FfnOutLayout,
-                      FfnWindowLayout, ScheduleContext, align512)
+from ..layout import (
+    CONTEXT_SIZE,
+    EXPERT_ID_INIT,
+    RUN_FLAG_OFFSET,
+    AttentionWindowLayout,
+    FfnOutLayout,
+    FfnWindowLayout,
+    ScheduleContext,
+    align512,
+)
 
 FFN_MODE = 0
 ATTENTION_MODE = 1

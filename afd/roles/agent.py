@@ -19,10 +19,10 @@ import zmq
 
 from .. import control
 from ..comm_remote import WindowServer
-from ..transport_seal import seal_mode, transport_key
 from ..config import AGENT_PREFIX
 from ..device import Device, new_namespace
 from ..runtime.memory import STATUS, STATUS_FIELDS, RunMemory
+from ..transport_seal import seal_mode, transport_key
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

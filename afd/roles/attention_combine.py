@@ -12,9 +12,9 @@ from ..model import digest
 from ..ops.attention_worker_combine import attention_worker_combine, warm_up
 from ..runtime.memory import COMBINE_DONE, SCHED_DONE
 from ..runtime.role import Stall
-from .attention_scheduler import diagnose
-from ._session import attach_session
 from ._schedule import total_units, unit
+from ._session import attach_session
+from .attention_scheduler import diagnose
 
 
 def prepare(rt) -> None:

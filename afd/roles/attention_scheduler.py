@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import time
 
-from ..ops.attention_worker_scheduler import attention_worker_scheduler_
 from ..ops._polling import Stopped
+from ..ops.attention_worker_scheduler import attention_worker_scheduler_
 from ..runtime.memory import COMBINE_DONE, SCHED_DONE
 from ..runtime.role import Stall
-from ._session import attach_session
 from ._schedule import total_units, unit
+from ._session import attach_session
 
 
 def explain_missing(cfg, stream, session: int, micro_batch: int, flags) -> list[dict]:

@@ -7,8 +7,8 @@ from ..model import Model
 from ..ops.attention_to_ffn import attention_to_ffn
 from ..runtime.memory import A2F_DONE, COMBINE_DONE
 from ..timing import DeviceTime, a2f_bytes
-from ._session import attach_session
 from ._schedule import total_units, unit
+from ._session import attach_session
 
 
 def prepare(rt) -> None:

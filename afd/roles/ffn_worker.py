@@ -9,9 +9,9 @@ import numpy as np
 from ..errors import KernelError
 from ..faults import FaultyWindow
 from ..model import Model, is_pair_rows, scale_grouped
+from ..ops._polling import Stopped
 from ..ops.ffn_to_attention import ffn_to_attention
 from ..ops.ffn_worker_batching import ffn_worker_batching
-from ..ops._polling import Stopped
 from ..ops.ffn_worker_scheduler import ffn_records, ffn_worker_scheduler_
 from ..runtime.memory import A2F_DONE, COMBINE_DONE, STATUS
 from ..timing import DeviceTime

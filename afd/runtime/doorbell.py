@@ -22,7 +22,6 @@ import zmq
 
 from .. import control
 
-
 _DRAIN_BYTES = 256  # rings read per read(2) (a 64 KiB buffer cost ~2 us more of allocation)
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
 import time
 import traceback
+from collections import deque
 
 import numpy as np
 import zmq
@@ -16,10 +16,9 @@ from ..errors import AfdError
 from ..faults import Fault, FaultHooks
 from ..ops._polling import Stopped, Waiting
 from ..timing import hold_until
-from . import doorbell, rss
 from ..waiting import RUN_FLAG_OPS, Stall, WaitPolicy  # noqa: F401 (re-exported)
+from . import doorbell, rss
 from .memory import OP, STATUS, RunMemory
-
 
 EVENT_CAP = 100_000  # events kept per role (the newest)
 SAMPLE_CAP = 100_000  # latency samples kept per metric and role

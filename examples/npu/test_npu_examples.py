@@ -16,8 +16,13 @@ import torch
 import afd.npu
 from afd.comm import Group, LocalWindow
 from afd.device import Device
-from afd.ops import (attention_to_ffn, attention_worker_combine, create_schedule_context_holder, ffn_to_attention,
-                     ffn_worker_batching)
+from afd.ops import (
+    attention_to_ffn,
+    attention_worker_combine,
+    create_schedule_context_holder,
+    ffn_to_attention,
+    ffn_worker_batching,
+)
 
 HERE = Path(__file__).parent
 afd.npu.install()  # the scripts import torch_npu; their helpers are used here for the reference

@@ -18,14 +18,13 @@ import threading
 import warnings
 from datetime import timedelta
 
+import cann_ops_transformer as cot
 import torch
 import torch.distributed as dist
 import torch_npu
 from torch.distributed import Backend
 from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
 from torch.distributed.rendezvous import rendezvous
-
-import cann_ops_transformer as cot
 
 
 def align_up(n, align=512):

@@ -2,10 +2,10 @@
 import re
 import sys
 
+import cann_ops_transformer as cot
 import pytest
 import torch
 
-import cann_ops_transformer as cot
 from afd.npu import module
 
 # The registrations of the real package, verbatim: hicann/ops-transformer @178f17c2
@@ -153,10 +153,10 @@ def test_the_950_combine_dequantises_mx_slots_through_torch_npu(token_dtype, qua
     a float8_e8m0fnu tensor, y bf16 = the sum of the dequantised K+1 slots (afd.tokens' arithmetic, in k order)."""
     import numpy as np
     import torch_npu
+    from npu_helpers import attention_side
 
     from afd.npu.tensors import numpy_of
     from afd.tokens import BF16, QUANT_MODES, mx_dequantize, mx_quantize
-    from npu_helpers import attention_side
 
     monkeypatch.setenv("AFD_NPU_SOC_NAME", "Ascend950PR_9599")
     side = attention_side(M=2, BS=3, K=2, H=64)

@@ -33,8 +33,9 @@ def test_two_nodes_run_the_same_round_trip_through_the_window_transport(afd_torc
     result = afd_torchrun(EXAMPLES / "window_round_trip.py", *argv, "--out", tmp_path, nproc=1, nnodes=2)
     assert result.returncode == 0, result.output[-3000:]
     assert {r: v.exit_code for r, v in result.ranks.items()} == {0: 0, 1: 0}
-    from afd.device import Device
     import torch
+
+    from afd.device import Device
     dev = Device()
     try:
         want = ex.reference_round_trip(argv, dev)

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 import torch_npu
+from npu_helpers import attention_side
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from afd.npu.operators import NpuOpError
 from afd.npu.streams import StreamError
-from npu_helpers import attention_side
 
 # torch_npu 2.14.0, torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml (func: lines), verbatim.
 TORCH_NPU_2_14 = [

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 import torch_npu
+from npu_helpers import attention_side, expected_combine
 
 from afd.npu.streams import StreamError
-from npu_helpers import attention_side, expected_combine
 
 
 @pytest.mark.timeout(30)

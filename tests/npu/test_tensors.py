@@ -2,10 +2,10 @@
 import pytest
 import torch
 import torch_npu
+from npu_helpers import attention_side, expected_combine
 
 from afd.npu import tensors
 from afd.npu.memory import memory
-from npu_helpers import attention_side, expected_combine
 
 SHAPES, DTYPES = [(4, 256), (1,)], [torch.bfloat16, torch.int32]
 

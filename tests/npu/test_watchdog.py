@@ -5,10 +5,10 @@ import time
 import pytest
 import torch
 import torch_npu
+from npu_helpers import attention_side
 
 from afd.npu.streams import StreamError
 from afd.waiting import Stall
-from npu_helpers import attention_side
 
 
 @pytest.fixture

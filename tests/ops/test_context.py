@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from afd.errors import KERNEL_STATUS_OK, DeviceAddressError, KernelError
-from afd.ops import ffn_worker_scheduler_
 from afd.ops import ffn_worker_scheduler as scheduler_module
+from afd.ops import ffn_worker_scheduler_
 from afd.ops._context import prepared
 
 A, M, BS, K1 = 2, 2, 2, 3

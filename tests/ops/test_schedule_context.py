@@ -3,7 +3,7 @@ import pytest
 
 from afd.errors import AfdError
 from afd.layout import CONTEXT_SIZE, EXPERT_ID_INIT, ScheduleContext
-from afd.ops import (ScheduleContextError, attention_worker_scheduler_, create_schedule_context_holder)
+from afd.ops import ScheduleContextError, attention_worker_scheduler_, create_schedule_context_holder
 
 A, M, BS, K1, E = 3, 3, 4, 3, 16
 

@@ -26,6 +26,7 @@ import afd.npu
 
 afd.npu.install()
 import torch_npu  # noqa: E402
+
 from afd.npu import registry  # noqa: E402
 
 window = torch.zeros(1 << 16, dtype=torch.int8).npu()
