@@ -74,6 +74,7 @@ class WaitPolicy:
         self.what = ""
         self.next_service = 0
         self._nap_ms = 0.05
+        self._graced = None  # the wait_start of the wait that had its one extra scan
 
     def __call__(self, waiting: Waiting) -> None:
         now = self.wait_last = time.perf_counter_ns()  # CLOCK_MONOTONIC on Linux, like the events
@@ -98,6 +99,11 @@ class WaitPolicy:
         if waited > limit:
             if waiting.flags is not None:  # the op counts only now and then: take the count the report shows
                 waiting.ready = int(np.count_nonzero(waiting.flags == 1))
+                if waiting.needed and waiting.ready >= waiting.needed and self._graced != self.wait_start:
+                    # nothing is missing now: the last stores landed just after the op's last scan. Let it scan
+                    # again, once per wait (an op whose condition still fails then stalls at the next call)
+                    self._graced = self.wait_start
+                    return
             details = self.explain(waiting) if self.explain is not None else None
             raise Stall(self.who, waiting, waited / 1e9, details)
         if not self.spin_only and waited >= self.spin_ns:

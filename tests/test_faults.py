@@ -66,7 +66,15 @@ def test_fault_ends_as_documented(cfg, spec, outcome, code, kind):
     assert (result.outcome, result.exit_code) == (outcome, code), result.reason
     assert (result.outcome, result.exit_code) == fault.documented()[:2]
     assert result.faults[0]["fired"]
-    if kind is not None:
+    if kind is not None and cfg is ASCEND950 and spec.startswith("reorder"):
+        # On 950 an FFN rank serves both sessions from one snapshot: while it holds one session's data back (up to
+        # 2 s, until that session's combine has read the flags without it), the other session's scheduler may
+        # wait on this rank past its 2 s stall bound. Both ends are the reorder's doing and documented (failed, 4):
+        # the wrong output it shows 9 runs in 10, or the stall it causes, naming the slots ffn0 owes.
+        assert result.failure["kind"] in (kind, "error")
+        if result.failure["kind"] == "error":
+            assert "owed by ffn0" in result.reason, result.reason
+    elif kind is not None:
         assert result.failure["kind"] == kind
     if spec.startswith(("kill:ffn0", "kill:attn0", "hang")):
         assert result.failure["role"] == fault.target  # the report names the role ...
