@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .. import procfs
 
 TARGET_STOP_S = 0.5  # issue 20: run_flag = 0 -> the launcher's exit, every process reaped, every segment gone
 TARGET_AFD_STOP_S = 1.0  # issue 20: `afd stop` end to end, its own start included
@@ -33,18 +36,7 @@ def configs() -> list[Path]:
 
 def group(pgid: int) -> list[tuple[int, str]]:
     """(pid, state) of every process in process group pgid, zombies included."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            out.append((int(entry), fields[0]))
-    return out
+    return [(p.pid, p.state) for p in procfs.group(pgid)]
 
 
 def wait_running(run: dict, timeout_s: float) -> None:
@@ -91,10 +83,21 @@ def _start(afd: list[str], config: Path, work: str, env: dict) -> tuple[subproce
 def _over(proc: subprocess.Popen, t0: float, timeout_s: float = 30.0) -> float:
     """Seconds from t0 until the launcher has exited (reaped here) and its process group is empty."""
     deadline = t0 + timeout_s
-    proc.wait(timeout_s)
+    _exited(proc, timeout_s)
     while group(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.001)
     return time.monotonic() - t0
+
+
+def _exited(proc: subprocess.Popen, timeout_s: float) -> None:
+    """proc.wait(timeout_s), woken by the exit itself: Popen.wait(timeout) sleeps up to 50 ms between looks, which
+    made every figure a multiple of 50 ms."""
+    fd = os.pidfd_open(proc.pid)
+    try:
+        select.select([fd], [], [], timeout_s)
+    finally:
+        os.close(fd)
+    proc.wait(0)  # (reaps it; TimeoutExpired if it is still running)
 
 
 def _clean(run: dict, report: str) -> bool:
