@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import procfs
+
 _LINE = re.compile(r"^\[default(\d+)\]:(.*)$")
 _FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
 _EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
@@ -110,18 +112,8 @@ def free_port() -> int:
 
 
 def _session_members(sid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            out.append(int(entry))
-    return out
+    """The live processes of session sid (zombies have exited already)."""
+    return [p.pid for p in procfs.session(sid) if p.state != "Z"]
 
 
 class TorchrunJob:
