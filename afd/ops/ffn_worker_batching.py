@@ -263,14 +263,16 @@ def ffn_worker_batching(schedule_context, expert_num: int, max_out_shape, token_
     from ._kernels import batch_slots, copy_rows
     res = _outputs(out, expert_num, shape, token_dtype, generation)
     src = np.empty(y_cap, np.int64)
+    gather = np.empty((2, y_cap), np.int64)
     y, group_list, sess, mb_of, token, k, dynamic_scale = res[:7]
     n = batch_slots(np.ascontiguousarray(ids, np.int32), sessions, mbs, expert_num, m, bs, k1, EXPERT_ID_SENTINEL,
-                    EXPERT_ID_INIT, np.empty(expert_num, np.int64), src, sess, mb_of, token, k, group_list)
+                    EXPERT_ID_INIT, np.empty(expert_num, np.int64), src, sess, mb_of, token, k, group_list, gather)
     if n < 0:
         raise KernelError("expert_ids", f"id {int(ids.reshape(-1)[-1 - n])} is neither in [0, "
                                         f"expert_num={expert_num}) nor a sentinel")
     width = fmt.payload_bytes(h)
-    copy_rows(y.view(np.uint8).reshape(y_cap, width), np.arange(n, dtype=np.int64), data, src[:n], width)
+    # in the data region's order (one sequential read), each row to its place in y
+    copy_rows(y.view(np.uint8).reshape(y_cap, width), gather[0, :n], data, gather[1, :n], width)
     y[n:] = 0
     dynamic_scale[:] = 0
     if fmt.scale is not None:
@@ -352,8 +354,9 @@ def _batch_v2(ctx: ScheduleContext, geometry: tuple[int, int, int, int], expert_
         sessions, mbs, ids = _emitted(ctx, a, m, bs, k1)
 
     flat = ids.reshape(-1)
-    order = np.flatnonzero(flat < MASK_ID)
-    order = order[np.argsort(flat[order], kind="stable")]
+    valid = np.flatnonzero(flat < MASK_ID)
+    by_id = np.argsort(flat[valid], kind="stable")
+    order = valid[by_id]
     n = order.size
     row, rest = np.divmod(order, bs * k1)
     token, k = np.divmod(rest, k1)
@@ -362,7 +365,10 @@ def _batch_v2(ctx: ScheduleContext, geometry: tuple[int, int, int, int], expert_
     from ._kernels import copy_rows
     res = _outputs(out, expert_num, shape, token_dtype, "950")
     y, group_list, dynamic_scale = res.y.view(np.uint8).reshape(y_cap, -1), res.group_list, res.dynamic_scale
-    copy_rows(y, np.arange(n, dtype=np.int64), data, src, payload)
+    # in flat order, the data region's (one sequential read; see _kernels.batch_slots), each row to its place in y
+    rows, slots = np.empty(n, np.int64), np.empty(n, np.int64)
+    rows[by_id], slots[by_id] = np.arange(n), src
+    copy_rows(y, rows, data, slots, payload)
     y[n:] = 0
     for arr, values in ((res.session_ids, sessions[row]), (res.micro_batch_ids, mbs[row]), (res.token_ids, token),
                         (res.expert_offsets, k)):
