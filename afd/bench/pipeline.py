@@ -61,7 +61,27 @@ def measure_pipeline(steps: int, wait: str = "default", check_reference: bool = 
             "wall_s": time.monotonic() - t0, "micro_batch_layers_per_s": result.micro_batch_layers_per_s,
             "outputs_match_reference": result.outputs_match_reference if result.compared else None,
             "hop_us_p50": hop.get("p50"), "hop_us_p99": hop.get("p99"), "hop_n": hop.get("n", 0),
-            "ffn_round_us_p50": (result.hops_us.get("ffn_ns") or {}).get("p50")}
+            "ffn_round_us_p50": (result.hops_us.get("ffn_ns") or {}).get("p50"),
+            "breakdown_ms_per_micro_batch_layer": breakdown(result)}
+
+
+def breakdown(result) -> dict:
+    """Where one host's period goes, in ms per micro-batch layer, from the roles' own trace of the run: each role's
+    busy (its ops, the waits inside them excluded), waiting (for its input: inside an op or on the stream) and idle
+    (neither: wake-ups after a block, the role's bookkeeping between ops, preempted by another process); each op's
+    mean; the hand-offs' p50 (us: A2F end -> the FFN took the work, F2A start -> the flags seen, flags seen -> the
+    combine ended). The pipeline's period is the slowest chain's: a role busy most of it is the limit, one waiting
+    most of it waits on the other side's chain (its busy time plus the hand-offs)."""
+    from ..metrics import op_durations
+
+    m, units = result.metrics, result.micro_batch_layers
+    if not m or not units:
+        return {}
+    span_ms = m["window_s"] * 1e3
+    roles = {role: {k: round(v * span_ms / units, 4) for k, v in f.items()} for role, f in m["roles"].items()}
+    ops = {f"{kind}.{op}": round(s * 1e3, 4) for (kind, op), s in sorted(op_durations(result.events).items())}
+    hops = {name: (h or {}).get("p50") for name, h in m["hops_us"].items()}
+    return {"period": round(span_ms / units, 4), "roles": roles, "ops": ops, "hand_offs_us_p50": hops}
 
 
 # -- dedicated hop measurement: one writer process, one scheduler process --------------------------------------------

@@ -103,6 +103,7 @@ def measure(quick: bool = False, progress=None) -> dict:
         "transport": transport,
         "stage_ideal_micro_batch_layers_per_s": stage_ideal,
         "pipeline_vs_stage_ideal": rate / stage_ideal if stage_ideal else 0.0,
+        "pipeline_breakdown": pipe["breakdown_ms_per_micro_batch_layer"],
         "details": {"pipeline": pipe, "pipeline_spin": pipe_spin, "pipeline_two_hosts": pipe_two,
                     "pipeline_two_hosts_trusted": pipe_two_trusted, "queue": queue,
                     "copy": copy, "hop": hop, "hop_spin": hop_spin,
