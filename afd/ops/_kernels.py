@@ -326,6 +326,38 @@ def _stream_store(typingctx, arr, index, value):
     return types.void(arr, index, value), codegen
 
 
+_LINE_WORDS = 8  # 64 bytes: one cache line, one 512-bit streaming store
+
+
+@intrinsic
+def _stream_line(typingctx, dst, dst_word, src, src_word):
+    """The 8 words of src from src_word to the 64-byte aligned dst[dst_word:dst_word + 8] as one vector streaming
+    store (LLVM's !nontemporal on an aligned <8 x i64>: vmovntdq; the words one by one are 8 movnti)."""
+    def codegen(context, builder, signature, args):
+        dty, _, sty, _ = signature.args
+        dptr = cgutils.get_item_pointer(context, builder, dty, context.make_array(dty)(context, builder, args[0]),
+                                        [args[1]], wraparound=False, boundscheck=False)
+        sptr = cgutils.get_item_pointer(context, builder, sty, context.make_array(sty)(context, builder, args[2]),
+                                        [args[3]], wraparound=False, boundscheck=False)
+        line = ir.VectorType(ir.IntType(64), _LINE_WORDS)
+        value = builder.load(builder.bitcast(sptr, line.as_pointer()), align=8)
+        store = builder.store(value, builder.bitcast(dptr, line.as_pointer()), align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return types.void(dst, dst_word, src, src_word), codegen
+
+
+@intrinsic
+def _line_offset(typingctx, arr, index):
+    """The byte offset of &arr[index] within its 64-byte line."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ptr = cgutils.get_item_pointer(context, builder, aryty, context.make_array(aryty)(context, builder, args[0]),
+                                       [args[1]], wraparound=False, boundscheck=False)
+        return builder.and_(builder.ptrtoint(ptr, ir.IntType(64)), ir.Constant(ir.IntType(64), 63))
+    return types.int64(arr, index), codegen
+
+
 @intrinsic
 def _store_fence(typingctx):
     """sfence: every earlier store, streaming ones too, is visible before any later one (x86-64)."""
@@ -340,12 +372,21 @@ def _store_fence(typingctx):
 @_jit
 def stream_rows(dst, dst_index, src, src_index, words):
     """copy_rows over uint64 words with streaming stores, then a store fence, so a flag stored after the call is
-    seen after the rows (as the protocol needs: data, then flag). x86-64 only (STREAMING_STORES)."""
+    seen after the rows (as the protocol needs: data, then flag). Each destination row's whole 64-byte lines go
+    as one vector store each, the words before the first and after the last one by one (measured on 432 rows of
+    14336 B: 245 -> 233 us). x86-64 only (STREAMING_STORES)."""
     for i in range(dst_index.shape[0]):
         d = dst[dst_index[i]]
         s = src[src_index[i]]
-        for j in range(words):
+        head = min(words, ((64 - _line_offset(d, 0)) & 63) >> 3)
+        for j in range(head):
             _stream_store(d, j, s[j])
+        j = head
+        for _ in range((words - head) // _LINE_WORDS):
+            _stream_line(d, j, s, j)
+            j += _LINE_WORDS
+        for t in range(j, words):
+            _stream_store(d, t, s[t])
     _store_fence()
 
 
