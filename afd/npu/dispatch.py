@@ -18,6 +18,7 @@ import torch
 from torch._C import DispatchKey, DispatchKeySet
 
 from . import tensors
+from .streams import current_stream
 from .tensors import as_cpu, as_npu
 
 CPU_KEYS = DispatchKeySet(DispatchKey.CPU)
@@ -182,7 +183,6 @@ def fallback(op, *args, **kwargs):
     if kind == VIEW:
         return op.redispatch(CPU_KEYS, *args, **kwargs)
     index = _device_index(args, kwargs)
-    from .module import current_stream
     stream = current_stream(index)
     if kind == HOST_READ:
         stream.synchronize()
@@ -224,7 +224,6 @@ def _index_of(device) -> int:
 def _copy_from(src, dst, non_blocking=False):
     """copy_ across devices: into npu memory in stream order (host bytes snapshotted when the copy has to wait);
     npu to host after the stream finished (a host read)."""
-    from .module import current_stream
     if dst.device.type == "npu":
         stream = current_stream(dst.device.index or 0)
         d, s = as_cpu(dst), as_cpu(src)
@@ -252,7 +251,6 @@ def _resize_(self, size, memory_format=None):
     need = (count + self.storage_offset()) * self.element_size()
     storage = self.untyped_storage()
     if need > storage.nbytes():
-        from .module import current_stream
         current_stream(self.device.index or 0).synchronize()  # the old bytes as the stream left them
         fresh = tensors.npu_bytes(need, self.device.index or 0)
         if storage.nbytes():
@@ -287,7 +285,6 @@ def _record_stream(self, stream):
 
 
 def _local_scalar_dense(self):
-    from .module import current_stream
     current_stream(self.device.index or 0).synchronize()
     return as_cpu(self).item()
 
@@ -295,7 +292,6 @@ def _local_scalar_dense(self):
 def _to_copy(self, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
     """.to()/.cpu()/.npu() of an npu tensor: to the host after the stream finished, else a copy in stream order."""
     if device is not None and device.type != "npu":
-        from .module import current_stream
         current_stream(self.device.index or 0).synchronize()
         return torch.ops.aten._to_copy.default(as_cpu(self), dtype=dtype, layout=layout, device=device,
                                                pin_memory=pin_memory, non_blocking=non_blocking,

@@ -20,6 +20,7 @@ import time
 
 from ..errors import ConfigError
 from ..faults import Fault, FaultHooks, FaultyWindow, parse
+from . import trace, watchdog
 
 ENV = "AFD_NPU_FAULTS"
 _lock = threading.Lock()
@@ -27,13 +28,6 @@ _hooks: FaultHooks | None = None
 _calls: dict[str, int] = {}
 _t0: float | None = None
 BAD_VALUES = {"micro_batch_id": 1 << 20, "polling_index": 1 << 20, "schedule_mode": 2, "token_info_buf": 0}
-
-
-def rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def parse_env(text: str | None = None) -> list[Fault]:
@@ -53,7 +47,7 @@ def hooks() -> FaultHooks:
         return _hooks
     with _lock:
         if _hooks is None:
-            mine = [f for f in parse_env() if f.target == f"rank{rank()}"]
+            mine = [f for f in parse_env() if f.target == f"rank{watchdog.rank()}"]
             _hooks = FaultHooks(mine, stop=_stop, corrupt=_corrupt, alive=_alive, on_fire=_fired)
         return _hooks
 
@@ -61,7 +55,7 @@ def hooks() -> FaultHooks:
 def next_call(op: str) -> tuple[int, int]:
     """At launch: (this rank's call index over every operator, the index among this operator's calls)."""
     global _t0
-    if not hooks().pending and not _trace_on():
+    if not hooks().pending and not trace.enabled():
         return -1, -1  # nothing counts calls: not worth a lock per call
     with _lock:
         if _t0 is None:
@@ -70,11 +64,6 @@ def next_call(op: str) -> tuple[int, int]:
         mine = _calls.get(op, 0)
         _calls[""], _calls[op] = total + 1, mine + 1
         return total, mine
-
-
-def _trace_on() -> bool:
-    from .trace import enabled
-    return enabled()
 
 
 def quiet() -> bool:
@@ -119,7 +108,6 @@ def round_done() -> None:
 
 
 def _fired(fault: Fault) -> None:
-    from . import trace, watchdog
     watchdog.announce(f"fault {fault.spec} fires")
     trace.instant("fault", {"spec": fault.spec})
 
@@ -142,6 +130,5 @@ def _corrupt(field: str) -> None:
 
 
 def _alive() -> bool:
-    from .watchdog import check_parent
-    check_parent()
+    watchdog.check_parent()
     return True

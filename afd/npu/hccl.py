@@ -35,6 +35,7 @@ from .. import comm
 from ..errors import AfdError
 from . import faults, tensors, watchdog
 from .memory import memory
+from .streams import current_stream
 from .tensors import as_cpu
 
 WINDOW_KEY = "afd_window/{tag}/{rank}"  # one tag per exposure: "reg<n>" (torch_npu's calls), "x<n>" (exchange_windows)
@@ -70,7 +71,6 @@ def _npu_to_cpu(tensors_):
 
 def _sync(tensors_) -> None:
     """Collectives read what the streams wrote: wait for the current stream of each device involved."""
-    from .module import current_stream
     for index in {t.device.index or 0 for t in tensors_ if isinstance(t, torch.Tensor) and t.device.type == "npu"}:
         current_stream(index).synchronize()
 
@@ -416,7 +416,6 @@ def exchange_windows(group, window_addr: int, window_size: int, *, zero: bool = 
         address, size = _check_window(window_addr, window_size)
     except WindowError as exc:
         pg._refuse("x", exc)
-    from .module import current_stream
     current_stream().synchronize()  # the window as the stream left it (a queued torch.zeros, say)
     if zero:
         memory.view(address, size, field="window_addr")[:] = 0
@@ -444,7 +443,7 @@ def rank_in(group: comm.Group) -> int:
     pg = _groups.get(group.name)
     if pg is not None:
         return pg.rank()
-    return int(os.environ.get("RANK", "0"))
+    return watchdog.rank()
 
 
 def _peers(pg: ProcessGroupHCCL) -> dict[int, dict]:

@@ -18,7 +18,8 @@ import torch
 from ..errors import AfdError
 from ..ops.schedule_context import ScheduleContextHolder as _Holder
 from . import registry
-from .memory import memory
+from .streams import current_stream
+from .tensors import npu_device
 
 K_FAILURE = 1  # kFailure of ScheduleContext.cpp
 _live: "weakref.WeakSet[ScheduleContextHolder]" = weakref.WeakSet()
@@ -44,15 +45,14 @@ class ScheduleContextHolder:
     def init(self) -> None:
         if self._impl is not None:  # "Already been initialized, does not need to be initialized again."
             return
-        from .module import current_stream
         current_stream().synchronize()  # the window as the stream left it: init writes it directly
         try:
-            impl = _Holder(*self._args, device=memory)
+            impl = _Holder(*self._args, device=npu_device)
             impl.init()
         except (AfdError, OverflowError, ValueError) as exc:
             raise RuntimeError(f"ScheduleContextHolder init return {K_FAILURE} ({exc})") from None
         self._impl = impl
-        self._context = memory.tensor_of(impl._context_buf).view(torch.int8)
+        self._context = npu_device.tensor_of(impl._context_buf).view(torch.int8)
         _live.add(self)
         registry.add_context(self.context_address())
 
@@ -72,7 +72,6 @@ class ScheduleContextHolder:
     def get_schedule_context_info(self) -> str:
         if self._impl is None:
             return "Error: schedule context is not inited!"
-        from .module import current_stream
         current_stream().synchronize()  # a device-to-host copy of the context
         return info_string(self._impl.get_schedule_context())
 

@@ -23,7 +23,6 @@ import weakref
 
 import numpy as np
 
-from ..device import DeviceBuffer
 from ..errors import DeviceAddressError
 
 ROUND = 512
@@ -101,7 +100,6 @@ class NpuMemory:
         self._bases: list[int] = []
         self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # pool -> sorted (size, start)
         self._by_start: dict[int, Block] = {}
-        self._buffers: dict[int, tuple] = {}  # address -> (DeviceBuffer, tensor) of malloc()ed blocks
         self.allocated = 0  # bytes in live blocks
         self.peak = 0
 
@@ -289,26 +287,6 @@ class NpuMemory:
         """(memfd, offset) of a live or cached address: what another process opens to reach it."""
         block = self._resolve(address, 0, field)
         return block.segment.fd, int(address) - block.segment.base
-
-    def malloc(self, nbytes: int) -> DeviceBuffer:
-        """afd's device protocol: an allocation the caller frees (the holder's context and out buffers); its
-        npu tensor is `tensor_of(buffer)`."""
-        from .tensors import npu_bytes  # (the tensor layer sits above this one)
-
-        tensor = npu_bytes(int(nbytes))
-        buf = DeviceBuffer(self, int(tensor.data_ptr()), int(nbytes))
-        self._buffers[buf.address] = (buf, tensor)
-        return buf
-
-    def tensor_of(self, buffer: DeviceBuffer):
-        return self._buffers[buffer.address][1]
-
-    def free(self, buffer) -> None:
-        address = buffer.address if isinstance(buffer, DeviceBuffer) else int(buffer)
-        self._buffers.pop(address, None)  # the block is released when the last tensor over it dies
-
-    def close(self) -> None:
-        self._buffers.clear()
 
 
 memory = NpuMemory()  # one address space per process

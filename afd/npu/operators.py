@@ -21,7 +21,7 @@ from ..ops import _polling, catalog
 from ..ops._context import as_context
 from . import direct, faults, module, tensors, trace, watchdog
 from .memory import memory
-from .module import current_stream
+from .streams import current_stream
 from .tensors import numpy_of
 
 _libs: dict[str, torch.library.Library] = {}

@@ -13,11 +13,13 @@ import threading
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 
 from ..ops._polling import Waiting
 from . import watchdog
+from .devices import device_count, device_index
 
 PRIVATEUSE1 = 20  # c10::DeviceType::PrivateUse1
 ACL_ERROR_RT_AICPU_EXCEPTION = 507018  # what torch_npu reports when a stream's kernel failed
@@ -132,8 +134,7 @@ class Stream(torch.Stream):
     _all: list = []  # weak references to every stream made (synchronize() waits for each of a device)
 
     def __new__(cls, device=None, priority: int = 0, *, stream_id: int | None = None, **kwargs):
-        from .module import _device_index
-        index = _device_index(device)
+        index = device_index(device)
         if stream_id is None:
             with Stream._id_lock:
                 stream_id, Stream._next_id = Stream._next_id, Stream._next_id + 1
@@ -209,7 +210,6 @@ class Event:
         self._time = 0.0
 
     def record(self, stream: Stream | None = None) -> None:
-        from .module import current_stream
         stream = stream if stream is not None else current_stream()
         with self._cond:
             self._recorded += 1
@@ -225,7 +225,6 @@ class Event:
 
     def wait(self, stream: Stream | None = None) -> None:
         """Work launched on `stream` after this waits for the latest record (a never-recorded event: no wait)."""
-        from .module import current_stream
         stream = stream if stream is not None else current_stream()
         with self._cond:
             target = self._recorded
@@ -263,3 +262,48 @@ class Event:
     def __repr__(self) -> str:
         return f"<torch.npu.Event recorded={self._recorded} completed={self._completed}>"
 
+
+
+# -- each thread's current stream per device, and each device's default stream ------------------------------------
+_current = threading.local()  # .streams {device: Stream}, per thread
+_default_streams: dict[int, Stream] = {}
+_default_lock = threading.Lock()
+
+
+def default_stream(device=None) -> Stream:
+    index = device if type(device) is int else device_index(device)
+    stream = _default_streams.get(index)
+    if stream is None:
+        with _default_lock:
+            stream = _default_streams.get(index)
+            if stream is None:
+                stream = _default_streams[index] = Stream(device_index(index), stream_id=0)
+    return stream
+
+
+def current_stream(device=None) -> Stream:
+    index = device if type(device) is int and 0 <= device < device_count() else device_index(device)
+    streams = getattr(_current, "streams", None)
+    if streams is not None and index in streams:
+        return streams[index]
+    return default_stream(index)
+
+
+def set_stream(stream: Stream) -> None:
+    if not hasattr(_current, "streams"):
+        _current.streams = {}
+    _current.streams[stream.device_index] = stream
+
+
+@contextmanager
+def stream(s: Stream | None):
+    """with torch.npu.stream(s): work launched inside runs on s (None: no change)."""
+    if s is None:
+        yield
+        return
+    before = current_stream(s.device_index)
+    set_stream(s)
+    try:
+        yield
+    finally:
+        set_stream(before)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _dlpack
 
+from ..device import DeviceBuffer
+from .devices import current_device
 from .memory import ROUND, memory
 
 KDL_CPU = 1
@@ -90,7 +92,6 @@ def as_npu(t: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def current_index() -> int:
-    from .module import current_device
     return current_device()
 
 
@@ -322,3 +323,37 @@ def numpy_of(t: torch.Tensor) -> np.ndarray:
             _views.clear()
         _views[key] = arr
     return arr
+
+
+class NpuDevice:
+    """afd's device protocol (afd.device.Device: malloc, view, free) over npu memory: an allocation is an npu tensor,
+    as the holder's context and out buffers are (the holder hands out that very tensor)."""
+
+    def __init__(self):
+        self._buffers: dict[int, tuple] = {}  # address -> (DeviceBuffer, tensor) of malloc()ed blocks
+
+    def malloc(self, nbytes: int) -> DeviceBuffer:
+        """An allocation the caller frees; its npu tensor is `tensor_of(buffer)`."""
+        tensor = npu_bytes(int(nbytes))
+        buf = DeviceBuffer(self, int(tensor.data_ptr()), int(nbytes))
+        self._buffers[buf.address] = (buf, tensor)
+        return buf
+
+    def tensor_of(self, buffer: DeviceBuffer) -> torch.Tensor:
+        return self._buffers[buffer.address][1]
+
+    def free(self, buffer) -> None:
+        address = buffer.address if isinstance(buffer, DeviceBuffer) else int(buffer)
+        self._buffers.pop(address, None)  # the block is released when the last tensor over it dies
+
+    def close(self) -> None:
+        self._buffers.clear()
+
+    def view(self, address: int, nbytes: int, dtype=np.uint8, *, field: str = "address") -> np.ndarray:
+        return memory.view(address, nbytes, dtype, field=field)
+
+    def allocation_size(self, address: int, *, field: str = "address") -> int:
+        return memory.allocation_size(address, field=field)
+
+
+npu_device = NpuDevice()  # (one per process, over the one address space)

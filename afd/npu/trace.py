@@ -14,6 +14,8 @@ import threading
 from collections import defaultdict, deque
 from pathlib import Path
 
+from . import watchdog
+
 ENV = "AFD_NPU_TRACE"
 PARTS_ENV = "AFD_NPU_TRACE_PARTS"  # set by `afd npu`: a directory each rank writes its part into
 EVENT_CAP = 200_000
@@ -34,11 +36,6 @@ def enabled() -> bool:
     if _enabled is None:
         _enabled = bool(os.environ.get(ENV) or os.environ.get(PARTS_ENV))
     return _enabled
-
-
-def _rank() -> int:
-    from .faults import rank
-    return rank()
 
 
 def span(op: str, stream, t0: int, t1: int, call: tuple[int, int], args: dict | None, extra: dict | None = None):
@@ -73,7 +70,7 @@ def _plain(value):
 
 def part() -> dict:
     with _lock:
-        return {"rank": _rank(), "pid": os.getpid(), "events": list(_events)}
+        return {"rank": watchdog.rank(), "pid": os.getpid(), "events": list(_events)}
 
 
 def write() -> None:
@@ -85,13 +82,12 @@ def write() -> None:
     parts_dir = os.environ.get(PARTS_ENV)
     try:
         if parts_dir:
-            path = Path(parts_dir) / f"rank{_rank()}-{os.getpid()}.json"
+            path = Path(parts_dir) / f"rank{watchdog.rank()}-{os.getpid()}.json"
             path.write_text(json.dumps(part()))
         elif os.environ.get(ENV):
             Path(os.environ[ENV]).write_text(json.dumps(chrome_trace([part()])))
     except OSError as exc:
-        from .watchdog import announce
-        announce(f"{ENV}: cannot write the trace: {exc}")
+        watchdog.announce(f"{ENV}: cannot write the trace: {exc}")
 
 
 def merge(parts_dir: str, out: str) -> Path:

@@ -48,6 +48,14 @@ def stall_timeout_s(text: str | None = None) -> float:
     return value
 
 
+def rank() -> int:
+    """This process's rank in its torch job (torchrun's RANK; 0 when started alone)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def who() -> str:
     rank = os.environ.get("RANK")
     return f"rank{rank}" if rank is not None else f"pid {os.getpid()}"
