@@ -88,8 +88,8 @@ class Block:
 
 
 class NpuMemory:
-    """The allocator and address space of one process; also afd's device protocol (view, allocation_size,
-    malloc, free) so the operators and the schedule-context holder work on npu addresses unchanged."""
+    """The allocator and address space of one process; its view and allocation_size are afd's device protocol, so
+    the operators work on npu addresses unchanged (allocations as npu tensors: afd.npu.tensors.NpuDevice)."""
 
     def __init__(self):
         # Blocks are released from finalizers, which run wherever a tensor dies (inside this allocator too, when a
