@@ -22,6 +22,7 @@ import mmap
 import operator
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from .tensors import as_cpu
 WINDOW_KEY = "afd_window/{tag}/{rank}"  # one tag per exposure: "reg<n>" (torch_npu's calls), "x<n>" (exchange_windows)
 NAME_KEY = "afd_comm_name"
 _groups: dict[str, "ProcessGroupHCCL"] = {}  # comm name -> this process's group
+# Guards _groups and each exposure's peers against the readers on other threads (a stream's watchdog asks who owes
+# a flag: peer_pid, peer_ranks) while the caller's thread registers, maps and releases.
+_lock = threading.Lock()
 _writer_groups: dict[tuple[str, int], tuple[comm.Group, comm.Group]] = {}  # -> (group, as written)
 
 
@@ -107,7 +111,9 @@ class _Exposure:
         try:
             for p in peers:
                 if p not in self.peers:
-                    self.peers[p] = self._map_peer(p, self._read(self.key(p), p, "expose its window"))
+                    peer = self._map_peer(p, self._read(self.key(p), p, "expose its window"))
+                    with _lock:
+                        self.peers[p] = peer
         except BaseException as exc:
             self.pg._store.set(done, json.dumps({"error": str(exc)}))
             raise
@@ -147,11 +153,12 @@ class _Exposure:
         if self.server is not None:
             self.server.close()
             self.server = None
-        for p in self.peers.values():
+        with _lock:
+            peers, self.peers = self.peers, {}
+        for p in peers.values():
             close = getattr(p["window"], "close", None)
             if close is not None:
                 close()
-        self.peers.clear()
         self.local = self.tensor = None
         for mm in self.maps:
             try:
@@ -177,7 +184,8 @@ class ProcessGroupHCCL(dist.ProcessGroup):
         self._exposure: _Exposure | None = None
         self._tags: dict[str, int] = {}
         self._closed = False
-        _groups[self._name] = self
+        with _lock:
+            _groups[self._name] = self
         comm.register(comm.Group(self._name, size))  # the name resolves from the start; windows come later
 
     # -- what torch_npu's backend offers -----------------------------------------------------------------------
@@ -224,7 +232,8 @@ class ProcessGroupHCCL(dist.ProcessGroup):
         self._closed = True
         self._release()
         comm.unregister(self._name)
-        _groups.pop(self._name, None)
+        with _lock:
+            _groups.pop(self._name, None)
         super().shutdown()
 
     # -- the exchange -----------------------------------------------------------------------------------------------
@@ -447,22 +456,24 @@ def rank_in(group: comm.Group) -> int:
 
 
 def _peers(pg: ProcessGroupHCCL) -> dict[int, dict]:
-    return pg._exposure.peers if pg._exposure is not None else {}
+    """pg's mapped peers (with _lock held: the dict itself, not a copy)."""
+    exposure = pg._exposure  # (read once: a release sets it to None)
+    return exposure.peers if exposure is not None else {}
 
 
 def peer_pid(rank: int, group_name: str | None = None) -> int | None:
     """The pid of a rank on this host whose window this process mapped (None if unknown or on another host), in
     the named group or the first group that knows the rank."""
-    pgs = [_groups[group_name]] if group_name in _groups else list(_groups.values())
-    for pg in pgs:
-        info = _peers(pg).get(rank)
-        if info is not None:
-            return info.get("pid")
-    return None
+    with _lock:
+        pgs = [_groups[group_name]] if group_name in _groups else list(_groups.values())
+        infos = [_peers(pg).get(rank) for pg in pgs]
+    return next((info.get("pid") for info in infos if info is not None), None)
 
 
 def peer_ranks() -> list[int]:
-    return sorted({r for pg in list(_groups.values()) for r in _peers(pg)})
+    """Every rank whose window this process mapped, in any group (safe from any thread)."""
+    with _lock:
+        return sorted({r for pg in _groups.values() for r in _peers(pg)})
 
 
 def writer_group(group: comm.Group, rank: int) -> comm.Group:

@@ -44,3 +44,52 @@ def test_two_nodes_run_the_same_round_trip_through_the_window_transport(afd_torc
     got = torch.load(tmp_path / "outputs.pt")
     for g, w in zip(got, want):
         assert (ex.bf16(g).view(np.uint16) == w.view(np.uint16)).all()
+
+
+def test_peer_ranks_and_pids_are_safe_while_another_thread_maps_and_releases(monkeypatch):
+    """The watchdog asks peer_ranks() / peer_pid() from a stream's thread while the caller's thread maps peers and
+    releases them: neither may see a dict change under its iteration nor a group half gone."""
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    from afd.npu import hccl
+
+    class Pg:
+        _store = SimpleNamespace(set=lambda key, value: None)
+
+        def rank(self):
+            return 0
+
+    pg = Pg()
+    exposure = hccl._Exposure.__new__(hccl._Exposure)
+    exposure.pg, exposure.tag, exposure.peers, exposure.maps, exposure.server = pg, "t", {}, [], None
+    pg._exposure = exposure
+    monkeypatch.setattr(hccl._Exposure, "_read", lambda self, key, rank, what: {})
+    monkeypatch.setattr(hccl._Exposure, "_map_peer", lambda self, rank, info: {"pid": 1000 + rank, "window": None})
+    monkeypatch.setitem(hccl._groups, "test-peers", pg)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: mid-iteration
+    done, errors = threading.Event(), []
+
+    def churn():
+        try:
+            while not done.is_set():
+                exposure.map(range(1, 400))
+                exposure.release()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        for _ in range(3000):
+            ranks = hccl.peer_ranks()
+            assert ranks == sorted(set(ranks)) and set(ranks) <= set(range(1, 400))
+            pid = hccl.peer_pid(7)
+            assert pid in (None, 1007)
+    finally:
+        done.set()
+        writer.join()
+        sys.setswitchinterval(before)
+    assert not errors
