@@ -37,10 +37,10 @@ from typing import Callable
 import numpy as np
 import zmq
 
-from . import control
+from . import comm_stream, control
 from .comm import LocalWindow
 from .errors import KernelError
-from .transport_seal import LinkSealer, SealOpener, transport_key
+from .transport_seal import TAG_BYTES, TRUSTED, LinkSealer, SealOpener, transport_key
 
 _ROWS = struct.Struct("<QqqII")
 _PUT = struct.Struct("<Qq")
@@ -70,14 +70,23 @@ class AgentLink:
     are given; "curve" puts libzmq's CURVE on the socket instead (what every link did before; kept for the
     benchmark's side-by-side figure). Without keys nothing is sealed."""
 
+    def __new__(cls, zctx, endpoint: str, *args, **kwargs):
+        # an agent that serves the stream wire advertises its scheme: its links are StreamLinks (whoever makes them)
+        if cls is AgentLink and endpoint.startswith(comm_stream.SCHEME):
+            cls = StreamLink
+        return super().__new__(cls)
+
     def __init__(self, zctx: zmq.Context, endpoint: str, keys: dict | None, identity: str, host: str = "?",
                  seal: str = "encrypted"):
         self.endpoint, self.host = endpoint, host
+        self._stats_init()
         self.sock = control.socket(zctx, zmq.DEALER, identity=identity.encode(), sndhwm=10000, rcvhwm=1000)
         if seal == "curve":
             control.curve_client(self.sock, keys)
         self.sealer = LinkSealer(transport_key(keys), seal) if keys and seal != "curve" else None
         self.sock.connect(endpoint)
+
+    def _stats_init(self) -> None:
         self._seq = 0
         self.puts = self.bytes = self.gets = self.rings = 0
         # where a writer's time goes (afd bench's two-host breakdown): ns in building frames, sealing, sending,
@@ -119,30 +128,40 @@ class AgentLink:
         self.message(op, meta, body, owned)
 
     def get_i32(self, address: int, offset: int, count: int) -> np.ndarray:
+        """Read int32s of a window of the agent's host, answered after every put sent before this on this link."""
         self._seq += 1
         seq = self._seq
         self.gets += 1
         t0 = time.perf_counter_ns()
         self.message(b"G", [_GET.pack(address, offset, count, seq)], b"")
         counter = self.sealer.counter if self.sealer is not None else 0
-        end = time.monotonic() + REPLY_TIMEOUT_S
         try:
-            while (left := end - time.monotonic()) > 0:
-                if not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                    break
-                frames = self.sock.recv_multipart()
-                if len(frames) != 3 or _SEQ.unpack(frames[1])[0] != seq:
-                    continue  # a late reply to an earlier request that timed out
-                data = frames[2] if self.sealer is None else self.sealer.open_reply(counter, frames)
-                if data is None:
-                    continue  # does not open: not the agent's reply
-                if frames[0] == b"e":
-                    raise KernelError("window", f"host {self.host}: {data.decode(errors='replace')}")
-                return np.frombuffer(data, dtype="<i4").copy()
+            kind, data = self._reply(seq, counter, time.monotonic() + REPLY_TIMEOUT_S)
         finally:
             self.get_ns += time.perf_counter_ns() - t0
+        if kind == b"e":
+            raise KernelError("window", f"host {self.host}: {data.decode(errors='replace')}")
+        return np.frombuffer(data, dtype="<i4").copy()
+
+    def _open_reply(self, counter: int, kind: bytes, seq_frame: bytes, body) -> bytes | None:
+        return bytes(body) if self.sealer is None else self.sealer.open_reply(counter, [kind, seq_frame, body])
+
+    def _reply(self, seq: int, counter: int, end: float) -> tuple[bytes, bytes]:
+        """(kind, data) of the agent's reply to read `seq` (sealed with `counter`)."""
+        while (left := end - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                break
+            frames = self.sock.recv_multipart()
+            if len(frames) != 3 or _SEQ.unpack(frames[1])[0] != seq:
+                continue  # a late reply to an earlier request that timed out
+            data = self._open_reply(counter, *frames)
+            if data is not None:  # (None: does not open, not the agent's reply)
+                return frames[0], data
         raise KernelError("window", f"no reply from the window agent of host {self.host} at {self.endpoint} "
                                     f"within {REPLY_TIMEOUT_S:g}s")
+
+    def close(self) -> None:
+        self.sock.close()
 
     def ring(self, role_id: str) -> None:
         """Wake a role on the agent's host, after every put sent before this on this link was applied."""
@@ -154,6 +173,74 @@ class AgentLink:
                 self.sock.send_multipart(self.sealer.seal(b"N", [], role_id.encode()), zmq.NOBLOCK)
         except zmq.Again:
             pass  # a wake-up only: the window is the truth
+
+
+class StreamLink(AgentLink):
+    """An AgentLink on the stream wire (afd.comm_stream): one raw TCP connection to an agent's StreamServer. A body
+    goes to the kernel from where it is (trusted, none) or from a reusable ciphertext buffer (encrypted): sendmsg
+    copies it before returning, so the caller may overwrite it at once."""
+
+    def __init__(self, zctx, endpoint: str, keys: dict | None, identity: str, host: str = "?",
+                 seal: str = "encrypted"):
+        self.endpoint, self.host = endpoint, host
+        self._stats_init()
+        if seal == "curve":
+            raise ValueError("a stream link seals with the run's key (encrypted or trusted), not CURVE")
+        self.sealer = LinkSealer(transport_key(keys), seal) if keys else None
+        self.what = f"the window agent of host {host} at {endpoint}"
+        self.sock = comm_stream.connect(endpoint, SEND_TIMEOUT_S)
+        self.reader = comm_stream.Reader(self.sock, REPLY_TIMEOUT_S, self.what)
+        self._out = np.empty(0, np.uint8)  # the encrypted bodies' buffer, grown once
+        self.message(b"H", [identity.encode()], b"")  # who this link is, in the agent's figures (sealed: proven)
+
+    def message(self, op: bytes, meta: list, body, owned: bool = False) -> None:
+        n = memoryview(body).nbytes
+        if self.sealer is None:
+            parts = [comm_stream.head_bytes(op, meta, n), body]
+        else:
+            t0 = time.perf_counter_ns()
+            seal, tag = self.sealer.seal_head(op, meta, n + TAG_BYTES)
+            if self.sealer.encrypts:
+                if self._out.size < n + TAG_BYTES:
+                    self._out = np.empty(n + TAG_BYTES + (n >> 3), np.uint8)
+                sealed = self._out[:n + TAG_BYTES]
+                self.sealer.seal_body_into(body, sealed)
+                parts = [comm_stream.head_bytes(op, meta, n + TAG_BYTES, seal, tag), sealed]
+            else:
+                parts = [comm_stream.head_bytes(op, meta, n + TAG_BYTES, seal, tag), body, self.sealer.body_tag(body)]
+            self.seal_ns += time.perf_counter_ns() - t0
+        t0 = time.perf_counter_ns()
+        comm_stream.send_all(self.sock, parts, SEND_TIMEOUT_S, self.what)
+        self.send_ns += time.perf_counter_ns() - t0
+
+    def _reply(self, seq: int, counter: int, end: float) -> tuple[bytes, bytes]:
+        while time.monotonic() < end:
+            op, _, meta, _, body_len = self.reader.read_head(True)
+            body = bytearray(body_len)
+            self.reader.read_into(body)
+            if len(meta) != 1 or _SEQ.unpack(meta[0])[0] != seq:
+                continue  # a late reply to an earlier request that timed out
+            data = self._open_reply(counter, op, meta[0], body)
+            if data is None:
+                raise KernelError("window", f"{self.what}: a reply that does not open under the run's key")
+            return op, data
+        raise KernelError("window", f"no reply from {self.what} within {REPLY_TIMEOUT_S:g}s")
+
+    def ring(self, role_id: str) -> None:
+        self.rings += 1
+        self.message(b"N", [], role_id.encode())  # (a stream cannot drop a message half sent: it waits, bounded)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _rows_of(raw: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(the bytes of raw[rows], owned): consecutive rows are sent from where they are (a link that keeps a body past
+    the call copies it: owned False), others gathered once into a fresh buffer of ours."""
+    lo = int(rows[0])
+    if rows.size == 1 or (np.diff(rows) == 1).all():
+        return raw[lo:lo + rows.size].reshape(-1), False
+    return raw[rows].reshape(-1), True
 
 
 class RemoteWindow:
@@ -207,15 +294,13 @@ class RemoteWindow:
             keep = np.ones(index.size, bool)
             keep[1:] = steps != 0
             runs = np.diff(np.append(np.flatnonzero(keep), index.size)).astype("<i4")
-            self._send_rows(t0, b"r", [header, index.tobytes(), runs.tobytes()],
-                            raw[src_index[keep]].reshape(-1), True)
+            self._send_rows(t0, b"r", [header, index.tobytes(), runs.tobytes()], *_rows_of(raw, src_index[keep]))
             return
-        lo = int(src_index[0])
-        if (steps == 1).all() and self.link.sealer is not None and self.link.sealer.encrypts:
-            self._send_rows(t0, b"R", [header, index.tobytes()], raw[lo:lo + index.size].reshape(-1), False)
-            return  # (the ciphertext is the copy: sealing reads the rows where they are)
-        self._send_rows(t0, b"R", [header, index.tobytes()], raw[src_index].reshape(-1), True)
+        self._send_rows(t0, b"R", [header, index.tobytes()], *_rows_of(raw, src_index))
 
+    def _send_rows(self, t0: int, op: bytes, meta: list, body: np.ndarray, owned: bool) -> None:
+        self.link.serialize_ns += time.perf_counter_ns() - t0
+        self.link.put(op, meta, body, owned)
     def _send_rows(self, t0: int, op: bytes, meta: list, body: np.ndarray, owned: bool) -> None:
         self.link.serialize_ns += time.perf_counter_ns() - t0
         self.link.put(op, meta, body, owned)
@@ -289,6 +374,19 @@ class WindowServer:
             raise KernelError("window", f"address {address:#x} is not a window of this host")
         return region
 
+    def stats_of(self, who: str) -> dict:
+        st = self.stats.get(who)
+        if st is None:
+            st = self.stats[who] = dict.fromkeys(("puts", "flags", "bytes", "gets", "rings", "open_ns", "apply_ns",
+                                                  "transfer_ns", "ring_ns", "row_messages", "in_place"), 0)
+        return st
+
+    def refuse(self, who: str, exc: Exception) -> None:
+        self.refused += 1
+        self.last_error = f"from {who}: {exc}"
+        if self.refused <= 3:
+            log.warning("refused a remote write %s", self.last_error)
+
     def handle(self, sock: zmq.Socket, frames: list) -> None:
         """Apply one message from the agent's ROUTER ([identity, op, ...]; bytes, or zmq Frames received without a
         copy)."""
@@ -298,10 +396,7 @@ class WindowServer:
             self.refused += 1
             return
         who, op = bytes(frames[0]).decode(errors="replace"), bytes(frames[1])
-        st = self.stats.get(who)
-        if st is None:
-            st = self.stats[who] = dict.fromkeys(("puts", "flags", "bytes", "gets", "rings", "open_ns", "apply_ns",
-                                                  "transfer_ns", "ring_ns", "row_messages"), 0)
+        st = self.stats_of(who)
         try:
             reply = None
             if self.opener is not None:
@@ -310,66 +405,200 @@ class WindowServer:
                 st["open_ns"] += time.perf_counter_ns() - t0
                 if op in (b"R", b"r"):
                     st["transfer_ns"] += t_recv - t_send  # (one clock only when both hosts are one machine)
-            t0 = time.perf_counter_ns()
-            if op in (b"R", b"r"):
-                address, offset, stride, n, width = _ROWS.unpack(frames[2])
-                index = np.frombuffer(frames[3], dtype=np.int64)
-                region = self._region(address)
+
+            def answer(kind: bytes, seq: bytes, data: bytes) -> None:
+                sock.send_multipart([frames[0], kind, seq, data if reply is None else reply(kind, seq, data)])
+            self.apply(st, op, frames[2:], answer)
+        except (KernelError, struct.error, ValueError, IndexError) as exc:
+            self.refuse(who, exc)
+
+    def rows_in_place(self, meta: list) -> np.ndarray | None:
+        """Where the rows of a b"R" message with this meta land when its slots are one contiguous run (F2A: a
+        micro-batch's rows, slot after slot): the window's bytes, for the wire to take the body straight in; None
+        when they do not (then the body is copied in by apply)."""
+        address, offset, stride, n, width = _ROWS.unpack(meta[0])
+        index = np.frombuffer(meta[1], dtype=np.int64)
+        region = self.regions.get(address)
+        if region is None or stride != width or index.size != n or n == 0:
+            return None
+        first = int(index[0])
+        if n > 1 and not (np.diff(index) == 1).all():
+            return None
+        check_rows(region.size, offset, stride, index[[0, -1]], width)
+        return region.bytes[offset + first * stride:offset + (first + n) * stride]
+
+    def apply(self, st: dict, op: bytes, parts: list, answer: Callable[[bytes, bytes, bytes], None],
+              placed: bool = False) -> None:
+        """Apply one opened message: parts = its meta frames, then its body (None when placed: the wire took the
+        rows straight into their slots, see rows_in_place). answer(kind, seq, data) replies to a read."""
+        t0 = time.perf_counter_ns()
+        if op in (b"R", b"r"):
+            address, offset, stride, n, width = _ROWS.unpack(parts[0])
+            index = np.frombuffer(parts[1], dtype=np.int64)
+            region = self._region(address)
+            if index.size != n:
+                raise KernelError("window", f"{index.size} slots for {n} rows")
+            if placed:
+                st["bytes"] += n * width
+                st["in_place"] += 1
+            else:
                 if op == b"R":
-                    rows = np.frombuffer(frames[4], dtype=np.uint8).reshape(n, width)
+                    rows = np.frombuffer(parts[2], dtype=np.uint8).reshape(n, width)
                     source = np.arange(n, dtype=np.int64)
                 else:
-                    runs = np.frombuffer(frames[4], dtype="<i4")
-                    rows = np.frombuffer(frames[5], dtype=np.uint8).reshape(runs.size, width)
+                    runs = np.frombuffer(parts[2], dtype="<i4")
+                    rows = np.frombuffer(parts[3], dtype=np.uint8).reshape(runs.size, width)
                     if int(runs.sum()) != n or (runs <= 0).any():
                         raise KernelError("window", f"run lengths {runs.size} do not add up to {n} rows")
                     source = np.repeat(np.arange(runs.size, dtype=np.int64), runs)
-                if index.size != n:
-                    raise KernelError("window", f"{index.size} slots for {n} rows")
-                # each row copied once into its slot(s), with streaming stores: the window's reader is another process
+                # each row copied once into its slot(s), with streaming stores: the reader is another process
                 region.put_rows_of(offset, stride, index, rows, source, streaming=True)
-                st["puts"] += 1
-                st["row_messages"] += 1
-                st["bytes"] += len(frames[-1])
-            elif op in (b"I", b"L"):
-                address, offset = _PUT.unpack(frames[2])
-                index = np.frombuffer(frames[3], dtype=np.int64)
-                region = self._region(address)
-                if op == b"I":
-                    region.put_i32(offset, index, np.frombuffer(frames[4], dtype="<i4"))
-                    st["flags"] += int(index.size) if offset == 0 else 0
-                else:
-                    region.put_i64(offset, index, np.frombuffer(frames[4], dtype="<i8"))
-                st["puts"] += 1
-            elif op == b"T":
-                address, offset = _PUT.unpack(frames[2])
-                now = time.monotonic_ns()
-                self._region(address).put_i64(offset, np.frombuffer(frames[3], dtype=np.int64), now)
-                if self.on_stamp is not None:
-                    self.on_stamp(now - struct.unpack("<q", frames[4])[0])
-                st["puts"] += 1
-            elif op == b"G":
-                address, offset, count, seq = _GET.unpack(frames[2])
-                st["gets"] += 1
-                try:
-                    kind, data = b"g", self._region(address).get_i32(offset, count).tobytes()
-                except KernelError as exc:
-                    kind, data = b"e", str(exc).encode()
-                seq_frame = _SEQ.pack(seq)
-                body = data if reply is None else reply(kind, seq_frame, data)
-                sock.send_multipart([frames[0], kind, seq_frame, body])
-            elif op == b"N":
-                st["rings"] += 1
-                if self.ring is not None:
-                    t1 = time.perf_counter_ns()
-                    self.ring(bytes(frames[2]).decode())
-                    st["ring_ns"] += time.perf_counter_ns() - t1
+                st["bytes"] += len(parts[-1])
+            st["puts"] += 1
+            st["row_messages"] += 1
+        elif op in (b"I", b"L"):
+            address, offset = _PUT.unpack(parts[0])
+            index = np.frombuffer(parts[1], dtype=np.int64)
+            region = self._region(address)
+            if op == b"I":
+                region.put_i32(offset, index, np.frombuffer(parts[2], dtype="<i4"))
+                st["flags"] += int(index.size) if offset == 0 else 0
             else:
-                raise KernelError("window", f"unknown operation {op[:8]!r}")
-            if op != b"N":
-                st["apply_ns"] += time.perf_counter_ns() - t0
+                region.put_i64(offset, index, np.frombuffer(parts[2], dtype="<i8"))
+            st["puts"] += 1
+        elif op == b"T":
+            address, offset = _PUT.unpack(parts[0])
+            now = time.monotonic_ns()
+            self._region(address).put_i64(offset, np.frombuffer(parts[1], dtype=np.int64), now)
+            if self.on_stamp is not None:
+                self.on_stamp(now - struct.unpack("<q", parts[2])[0])
+            st["puts"] += 1
+        elif op == b"G":
+            address, offset, count, seq = _GET.unpack(parts[0])
+            st["gets"] += 1
+            try:
+                kind, data = b"g", self._region(address).get_i32(offset, count).tobytes()
+            except KernelError as exc:
+                kind, data = b"e", str(exc).encode()
+            answer(kind, _SEQ.pack(seq), data)
+        elif op == b"N":
+            st["rings"] += 1
+            if self.ring is not None:
+                t1 = time.perf_counter_ns()
+                self.ring(bytes(parts[-1]).decode())
+                st["ring_ns"] += time.perf_counter_ns() - t1
+            return
+        else:
+            raise KernelError("window", f"unknown operation {op[:8]!r}")
+        st["apply_ns"] += time.perf_counter_ns() - t0
+
+
+class StreamServer:
+    """The agent's end of the stream wire (afd.comm_stream): accepts links on its listening socket, reads each one's
+    messages in order and applies them through its WindowServer. A rows message whose slots are one contiguous run
+    is taken straight into the window (trusted, none) or decrypted straight into it (encrypted), its head opened
+    first; a body that then does not open is wiped where it landed, refused, and its connection closed (a stream
+    that carried a forgery is not trusted further). poller: the agent's zmq.Poller, which gets every connection."""
+
+    def __init__(self, server: WindowServer, listener, poller: zmq.Poller):
+        self.server, self.listener, self.poller = server, listener, poller
+        self.conns: dict[int, list] = {}  # fd -> [socket, reader, who]
+        self._plain = np.empty(0, np.uint8)  # reusable bodies (no fresh, page-faulting buffer per message)
+        self._sealed = np.empty(0, np.uint8)
+        poller.register(listener.fileno(), zmq.POLLIN)
+
+    def serve(self, fd: int, limit: int = 1000) -> None:
+        """Handle what fd (the listener or a connection the poller reported) has: new links, or up to `limit`
+        whole messages (a flood does not starve the agent's control plane)."""
+        if fd == self.listener.fileno():
+            while (sock := comm_stream.accept(self.listener)) is not None:
+                what = f"window link {sock.getpeername()}"
+                self.conns[sock.fileno()] = [sock, comm_stream.Reader(sock, REPLY_TIMEOUT_S, what), "?"]
+                self.poller.register(sock.fileno(), zmq.POLLIN)
+            return
+        conn = self.conns.get(fd)
+        if conn is None:
+            return
+        try:
+            for _ in range(limit):
+                head = conn[1].read_head(False)
+                if head is None:
+                    return
+                self._message(conn, *head)
         except (KernelError, struct.error, ValueError, IndexError) as exc:
-            self.refused += 1
-            self.last_error = f"from {who}: {exc}"
-            if self.refused <= 3:
-                log.warning("refused a remote write %s", self.last_error)
+            if not conn[1].closed:  # (a link that closed is a writer that ended, not a refusal)
+                self.server.refuse(conn[2], exc)
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        sock = self.conns.pop(fd)[0]
+        self.poller.unregister(fd)
+        sock.close()
+
+    def close(self) -> None:
+        for fd in list(self.conns):
+            self._close(fd)
+        self.poller.unregister(self.listener.fileno())
+        self.listener.close()
+
+    def _buffer(self, name: str, n: int) -> np.ndarray:
+        buf = getattr(self, name)
+        if buf.size < n:
+            buf = np.empty(n + (n >> 3), np.uint8)
+            setattr(self, name, buf)
+        return buf[:n]
+
+    def _message(self, conn: list, op: bytes, seal: bytes, meta: list, tag: bytes, body_len: int) -> None:
+        server, opener = self.server, self.server.opener
+        n, link, open_ns = body_len, None, 0
+        if opener is not None:
+            t0 = time.perf_counter_ns()
+            if not seal or body_len < TAG_BYTES:
+                raise KernelError("seal", "a message without the run's seal")
+            link, counter, t_send = opener.open_head(op, seal, meta, body_len, tag)
+            open_ns += time.perf_counter_ns() - t0
+            n -= TAG_BYTES
+        elif seal:
+            raise KernelError("seal", "a sealed message for an agent without the run's key")
+        dest = None
+        if op == b"R" and len(meta) == 2:
+            try:
+                dest = server.rows_in_place(meta)
+            except (KernelError, struct.error, ValueError):
+                dest = None  # (apply refuses it, once its body is off the wire)
+            if dest is not None and dest.size != n:
+                dest = None
+        target = dest if dest is not None else self._buffer("_plain", n)
+        if opener is None:
+            conn[1].read_into(target)
+        else:
+            sealed = self._buffer("_sealed", TAG_BYTES if opener.mode == TRUSTED else body_len)
+            if opener.mode == TRUSTED:
+                conn[1].read_into(target)
+            conn[1].read_into(sealed)
+            t0 = time.perf_counter_ns()
+            try:
+                opener.open_body(link, counter, sealed, target)
+            except KernelError:
+                if dest is not None:
+                    dest[:] = 0  # what did not open does not stay in the window
+                raise
+            open_ns += time.perf_counter_ns() - t0
+        if op == b"H":
+            conn[2] = bytes(meta[0]).decode(errors="replace") if meta else "?"
+            return
+        st = server.stats_of(conn[2])
+        st["open_ns"] += open_ns
+        if opener is not None and op in (b"R", b"r"):
+            st["transfer_ns"] += time.monotonic_ns() - t_send  # (one clock: both hosts are one machine)
+        sock = conn[0]
+        replier = opener.replier(link, counter) if opener is not None else None
+
+        def answer(kind: bytes, seq: bytes, data: bytes) -> None:
+            data = data if replier is None else replier(kind, seq, data)
+            comm_stream.send_all(sock, [comm_stream.head_bytes(kind, [seq], len(data)), data], SEND_TIMEOUT_S,
+                                 f"the reply to {conn[2]}")
+        try:
+            server.apply(st, op, [*meta, None if dest is not None else target], answer, placed=dest is not None)
+        except (KernelError, struct.error, ValueError, IndexError) as exc:
+            server.refuse(conn[2], exc)  # an authenticated message that does not apply: the link goes on

@@ -14,6 +14,14 @@ sender's CLOCK_MONOTONIC: the transfer figure of afd bench where both hosts are 
   trusted:   the body in clear, then tags = tag(op, seal, meta, body tag) | body tag (GMAC over the body).
 Trusted is for a network the user declares trusted (`control.trusted_network`): whoever can read that network reads
 the rows, but nobody without the run's key can write a window or ring a doorbell, nor change a row on the way.
+
+On the stream wire (afd.comm_remote's raw TCP links, what the agents serve) a message's head and body are sealed
+apart, so the agent knows where the body goes before it arrives and can take it straight into the window:
+  head: seal | meta, then head tag = tag(op, seal, meta, body length) (nonce: to-agent, counter);
+  body: encrypted: the body encrypted, then its tag; trusted: the body in clear, then its GMAC tag (nonce: body,
+        counter, so a body opens only with its own head).
+The agent opens the head (the run's key, a fresh counter) before it takes the body; a body whose tag fails is
+refused, its rows are zeroed where they landed, and the connection is closed.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ from .errors import KernelError
 
 ENCRYPTED, TRUSTED = "encrypted", "trusted"
 _SEAL = struct.Struct("<16sQQ")
+_LEN = struct.Struct("<Q")
+SEAL_BYTES, TAG_BYTES = _SEAL.size, 16
 _TO_AGENT, _REPLY, _BODY = 0, 1, 2
 _INFO_RUN = b"afd-sim window transport v1"
 _INFO_LINK = b"afd-sim window link v1"
@@ -86,6 +96,22 @@ class LinkSealer:
         body_tag = self.aead.encrypt(_nonce(_BODY, c), b"", body)  # GMAC over the body where it is
         return [op, seal, *meta, body, self.aead.encrypt(_nonce(_TO_AGENT, c), b"", aad + body_tag) + body_tag]
 
+    def seal_head(self, op: bytes, meta: list, body_len: int) -> tuple[bytes, bytes]:
+        """(seal, head tag) of the next message on the stream wire, whose body has body_len bytes."""
+        self.counter += 1
+        c = self.counter
+        seal = _SEAL.pack(self.link_id, c, time.monotonic_ns())
+        return seal, self.aead.encrypt(_nonce(_TO_AGENT, c), b"", _aad(op, seal, meta) + _LEN.pack(body_len))
+
+    def seal_body_into(self, body, out) -> None:
+        """Encrypted: the body of the message just headed (seal_head), encrypted with its tag into out (len(body)
+        + 16 bytes, a buffer the caller reuses: no fresh allocation per message)."""
+        self.aead.encrypt_into(_nonce(_BODY, self.counter), body, b"", out)
+
+    def body_tag(self, body) -> bytes:
+        """Trusted: the GMAC tag of the body of the message just headed, which travels in clear."""
+        return self.aead.encrypt(_nonce(_BODY, self.counter), b"", body)
+
     def open_reply(self, counter: int, frames: list) -> bytes | None:
         """The data of the agent's reply [kind, seq, sealed] to the request sealed with `counter`; None when it does
         not open (a forgery, or a reply to another request)."""
@@ -134,7 +160,42 @@ class SealOpener:
             known[1] = counter
         else:
             self.links[link_id] = [aead, counter]
+        return [frames[0], op, *meta, body], self.replier(self.links[link_id], counter), t_send
 
-        def reply(kind: bytes, seq: bytes, data: bytes) -> bytes:
-            return aead.encrypt(_nonce(_REPLY, counter), data, kind + seq)
-        return [frames[0], op, *meta, body], reply, t_send
+    def open_head(self, op: bytes, seal: bytes, meta: list, body_len: int, tag: bytes) -> tuple[object, int, int]:
+        """Stream wire: (link, counter, send time) of a head that opens under its link key with a fresh counter
+        (the counter is then the link's); KernelError otherwise. The body is opened with open_body(link, ...)."""
+        from cryptography.exceptions import InvalidTag
+        if len(seal) != _SEAL.size or len(tag) != TAG_BYTES:
+            raise KernelError("seal", "a message without the run's seal")
+        link_id, counter, t_send = _SEAL.unpack(seal)
+        known = self.links.get(link_id)
+        aead = known[0] if known else _aead(self.key, link_id)
+        if known and counter <= known[1]:
+            raise KernelError("seal", f"message {counter} of a link that is at {known[1]}: a replay")
+        try:
+            aead.decrypt(_nonce(_TO_AGENT, counter), tag, _aad(op, seal, meta) + _LEN.pack(body_len))
+        except InvalidTag:
+            raise KernelError("seal", "a message that does not open under the run's key") from None
+        if known:
+            known[1] = counter
+        else:
+            known = self.links[link_id] = [aead, counter]
+        return known, counter, t_send
+
+    def open_body(self, link, counter: int, sealed, out) -> None:
+        """Stream wire, the body of an opened head: encrypted, `sealed` (body + tag) decrypted into out; trusted,
+        `sealed` is the tag and out the body in clear, checked. KernelError when it does not open (out then holds
+        what arrived: the caller wipes it)."""
+        from cryptography.exceptions import InvalidTag
+        try:
+            if self.mode == TRUSTED:
+                link[0].decrypt(_nonce(_BODY, counter), sealed, out)
+            else:
+                link[0].decrypt_into(_nonce(_BODY, counter), sealed, b"", out)
+        except InvalidTag:
+            raise KernelError("seal", "a message body that does not open under the run's key") from None
+
+    def replier(self, link, counter: int):
+        """reply(kind, seq, data) -> the sealed data of the answer to the request `counter` of `link`."""
+        return lambda kind, seq, data: link[0].encrypt(_nonce(_REPLY, counter), data, kind + seq)

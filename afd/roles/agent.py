@@ -17,8 +17,8 @@ import time
 import numpy as np
 import zmq
 
-from .. import control
-from ..comm_remote import WindowServer
+from .. import comm_stream
+from ..comm_remote import StreamServer, WindowServer
 from ..config import AGENT_PREFIX
 from ..device import Device, new_namespace
 from ..runtime.memory import STATUS, STATUS_FIELDS, RunMemory
@@ -27,11 +27,12 @@ from ..transport_seal import seal_mode, transport_key
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def transport_endpoints(address: str, port: int = 0) -> tuple[str, str]:
-    """(bind, advertise) for a host's agent: a loopback address binds there, any other binds every interface."""
+def transport_endpoints(address: str) -> tuple[str, str]:
+    """(bind address, advertised address) of a host's agent: a loopback address binds there, any other binds every
+    interface."""
     if address in LOOPBACK:
-        return f"tcp://{address}:{port}", address
-    return f"tcp://0.0.0.0:{port}", address
+        return address, address
+    return "0.0.0.0", address
 
 
 def prepare(rt) -> None:
@@ -44,12 +45,12 @@ def prepare(rt) -> None:
             raise ValueError(f"{rt.role}: host {host!r} is not in the run's hosts ({', '.join(cfg.host_map())})")
         namespace = getattr(rt, "namespace", None) or new_namespace()
         rt.mem = RunMemory.create(cfg, Device(namespace), host)
-        # no CURVE on the transport: every message is sealed with the run's key instead (afd.transport_seal)
+        # no CURVE on the transport: every message is sealed with the run's key instead (afd.transport_seal), on
+        # the stream wire (afd.comm_stream: raw TCP, bodies straight into the windows)
         rt.transport_key = transport_key((rt.plan or {}).get("curve") or rt.curve_keys)
-        rt.transport = control.socket(rt.zctx, zmq.ROUTER, rcvhwm=100000, router_mandatory=0)
-        bind, advertise = transport_endpoints(cfg.host_map()[host].address,
-                                              int(os.environ.get("AFD_AGENT_PORT", "0")))
-        endpoint = control.bind(rt.transport, bind).replace("0.0.0.0", advertise)
+        bind, advertise = transport_endpoints(cfg.host_map()[host].address)
+        rt.transport = comm_stream.listen(bind, int(os.environ.get("AFD_AGENT_PORT", "0")))
+        endpoint = f"{comm_stream.SCHEME}{advertise}:{rt.transport.getsockname()[1]}"
         rt.transport_endpoint = endpoint
         rt.send("part", {"host": host, "part": rt.mem.plan, "transport": endpoint})
 
@@ -63,20 +64,17 @@ def body(rt) -> None:
                           seal=seal_mode(rt.cfg.control.trusted_network),
                           on_stamp=rt.samples("f2a_put_to_store_ns").append)
     poller = zmq.Poller()
-    poller.register(rt.transport, zmq.POLLIN)
     poller.register(rt.sub, zmq.POLLIN)
+    stream = StreamServer(server, rt.transport, poller)
     stopped = False
     busy_ns = 0  # in handling messages (afd bench: how busy the agent is)
     try:
         while not rt.ended:
-            if dict(poller.poll(10)).get(rt.transport):
+            ready = [fd for fd, _ in poller.poll(10) if isinstance(fd, int)]
+            if ready:
                 t0 = time.perf_counter_ns()
-                for _ in range(1000):  # drain, but keep servicing the control plane under a flood
-                    try:
-                        frames = rt.transport.recv_multipart(zmq.NOBLOCK, copy=False)  # rows: no copy
-                    except zmq.Again:
-                        break
-                    server.handle(rt.transport, frames)
+                for fd in ready:
+                    stream.serve(fd)
                 busy_ns += time.perf_counter_ns() - t0
             rt.service()
             if rt.stopping and not stopped:  # this host's truth; the other hosts' agents write theirs
@@ -85,6 +83,7 @@ def body(rt) -> None:
                 for role in local_roles:
                     rt.ring(role)
     finally:
+        stream.close()
         rt.report_extra = {"host": rt.host, "namespace": mem.device.namespace, "transport":
                            getattr(rt, "transport_endpoint", ""), "applied": server.stats,
                            "refused": server.refused, "last_refused": server.last_error, "busy_ns": busy_ns,
