@@ -237,15 +237,16 @@ def ffn_to_attention(x, session_ids, micro_batch_ids, token_ids, expert_offsets,
     order, bounds = comm.by_rank(dst, int(world_size))  # keeps row order within a destination
     for rank, lo, hi in bounds:
         rows = order[lo:hi]
+        to = slots[rows]
         win = group.window(rank)
         if generation == "950":  # V2 clears the flag first: a reader sees a fresh 0 -> 1 edge every round
-            win.put_i32(0, slots[rows], INVALID_FLAG)
+            win.put_i32(0, to, INVALID_FLAG)
         # each row copied once, no temporary; streaming stores: the combine reads these rows only after the whole
         # batch and its flags, and the FFN side is the one a pipeline waits on
-        comm.put_rows_of(win, info_bytes, stride, slots[rows], x, rows, streaming=True)
-        win.put_i32(0, slots[rows], VALID_FLAG)  # after the data: a reader that sees the flag sees the slot
+        comm.put_rows_of(win, info_bytes, stride, to, x, rows, streaming=True)
+        win.put_i32(0, to, VALID_FLAG)  # after the data: a reader that sees the flag sees the slot
         group.notify(rank)
-        sent[rank] = np.flatnonzero(np.bincount(slots[rows] // (bs * k1), minlength=m)).tolist()
+        sent[rank] = np.flatnonzero(np.bincount(to // (bs * k1), minlength=m)).tolist()
         log.debug("sent %d rows to attention rank %d", rows.size, rank)
     return sent
 

@@ -72,18 +72,19 @@ def _out_buffers(ctx: ScheduleContext, a: int, bs: int, k1: int) -> dict[str, np
     return out
 
 
-def _emit(ctx, records: np.ndarray, out: dict, m: int, sessions: np.ndarray) -> None:
-    """Copy records (s, m) to out slots out_num.., then reset them: expert ids to 0x7F7F7F7F, flag 0 last."""
+def _emit(ctx, records: np.ndarray, out: dict, m: int, first: int, count: int) -> None:
+    """Copy records (s, m) of sessions [first, first + count) to out slots out_num.., then reset them: expert ids to
+    0x7F7F7F7F, flag 0 last (slices throughout: fancy indexing cost ~1 us an access)."""
     base = int(ctx.u32[_OUT_NUM])
-    idx = np.arange(base, base + sessions.size)
-    rec = records[sessions, m]
+    idx, which = slice(base, base + count), slice(first, first + count)
+    rec = records[which, m]
     out["layer_ids_buf"][idx] = rec[:, 1]
-    out["session_ids_buf"][idx] = sessions
+    out["session_ids_buf"][idx] = np.arange(first, first + count)
     out["micro_batch_ids_buf"][idx] = m
     out["expert_ids_buf"][idx] = rec[:, 2:]
-    records[sessions, m, 2:] = EXPERT_ID_SENTINEL
-    records[sessions, m, 0] = 0  # releases AttentionToFFN's backpressure on (s, m): only after the reset
-    ctx.u32[_OUT_NUM] = base + sessions.size
+    records[which, m, 2:] = EXPERT_ID_SENTINEL
+    records[which, m, 0] = 0  # releases AttentionToFFN's backpressure on (s, m): only after the reset
+    ctx.u32[_OUT_NUM] = base + count
 
 
 def check_ffn_worker_scheduler_host(schedule_context, execute_mode: int = 0) -> None:
@@ -125,7 +126,7 @@ def ffn_worker_scheduler_(schedule_context, sync_group_size: int | None, execute
             mb = int(ctx.u64[_POLLING_INDEX])
             ready = int(np.count_nonzero(flags[:, mb] == VALID_FLAG))
             if ready == a:
-                _emit(ctx, records, out, mb, np.arange(a))
+                _emit(ctx, records, out, mb, 0, a)
                 ctx.u64[_POLLING_INDEX] = (mb + 1) % m
                 log.info("FfnWorkerScheduler end, micro_batch_id=%d, out_num=%d", mb, a)
                 return KERNEL_STATUS_OK
@@ -146,7 +147,7 @@ def ffn_worker_scheduler_(schedule_context, sync_group_size: int | None, execute
     for g in range(group_num):
         ms = np.flatnonzero(ready[g])
         if ms.size:
-            _emit(ctx, records, out, int(ms[0]), np.arange(g * group_size, (g + 1) * group_size))
+            _emit(ctx, records, out, int(ms[0]), g * group_size, group_size)
     log.info("FfnWorkerScheduler end, out_num=%d", int(ctx.u32[_OUT_NUM]))
     return KERNEL_STATUS_OK
 
