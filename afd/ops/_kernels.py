@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import platform
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 _U16 = np.uint32(16)
@@ -206,6 +208,104 @@ def scale_groups_bf16(src, group_list, params, out):
     return _scale_groups(src, group_list, params, False, out)
 
 
+# -- the bf16 `scale` expert with the CPU's own bf16 rounding (AVX512-BF16) ---------------------------------------
+# The integer round-to-nearest-even above is ~20 vector instructions per 16 words; vcvtne2ps2bf16 rounds 32 fp32
+# values to bf16 in one, the same bits except where it differs from ml_dtypes: it flushes subnormals (in and out)
+# and keeps a NaN's payload. Products that are NaN or fp32-subnormal (one vfpclassps each) take the integer path,
+# for those 16 words only: every output stays bit-identical. Measured on 432 x 7168 bf16 in place: 340-357 -> 168-198
+# us side by side. Only where the CPU numba compiles for is this host with AVX512-BF16 (not a NUMBA_CPU_NAME
+# build for other machines: the assembler and the intrinsic would not exist there).
+_LANES = 16  # fp32 lanes of a 512-bit vector; 16 words = 32 bf16 values a step
+_BF16_FEATURES = ("avx512f", "avx512bw", "avx512dq", "avx512bf16")
+BF16_CONVERT = (platform.machine().lower() in ("x86_64", "amd64") and numba_config.CPU_NAME is None and numba_config.CPU_FEATURES is None
+                and all(llvm.get_host_cpu_features().get(f) for f in _BF16_FEATURES))
+if BF16_CONVERT:
+    llvm.initialize_native_asmparser()  # (inline assembly; numba does not load the parser itself)
+
+
+@intrinsic
+def _scale_words_bf16(typingctx, src, dst, j, p):
+    """dst[j:j+16] = the words src[j:j+16] (pairs of bf16) times p, rounded by vcvtne2ps2bf16; False, and nothing
+    stored, when a product is NaN or fp32-subnormal (the instruction's rounding differs there)."""
+    def codegen(context, builder, signature, args):
+        def pointer(k):
+            aryty = signature.args[k]
+            return cgutils.get_item_pointer(context, builder, aryty,
+                                            context.make_array(aryty)(context, builder, args[k]), [args[2]],
+                                            wraparound=False, boundscheck=False)
+        i32 = ir.IntType(32)
+        words, floats = ir.VectorType(i32, _LANES), ir.VectorType(ir.FloatType(), _LANES)
+        w = builder.load(builder.bitcast(pointer(0), words.as_pointer()), align=4)
+        lo = builder.bitcast(builder.shl(w, ir.Constant(words, [16] * _LANES)), floats)
+        hi = builder.bitcast(builder.and_(w, ir.Constant(words, [-(1 << 16)] * _LANES)), floats)
+        p = builder.insert_element(ir.Constant(floats, ir.Undefined), args[3], ir.Constant(i32, 0))
+        p = builder.shuffle_vector(p, p, ir.Constant(words, [0] * _LANES))
+        a, b = builder.fmul(lo, p), builder.fmul(hi, p)
+        fpclass = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VectorType(ir.IntType(1), _LANES), [floats, i32]),
+            "llvm.x86.avx512.fpclass.ps.512")
+        special = builder.or_(builder.call(fpclass, [a, ir.Constant(i32, 0xA1)]),  # QNaN | SNaN | subnormal
+                              builder.call(fpclass, [b, ir.Constant(i32, 0xA1)]))
+        lanes = ir.IntType(_LANES)
+        ok = builder.icmp_unsigned("==", builder.bitcast(special, lanes), ir.Constant(lanes, 0))
+        with builder.if_then(ok, likely=True):
+            # low 256 bits: a's 16 bf16, high 256: b's; interleaved back into words (vpermw)
+            packed = builder.asm(ir.FunctionType(words, [floats, floats]), "vcvtne2ps2bf16 $2, $1, $0", "=v,v,v",
+                                 [b, a], side_effect=False)
+            halves = ir.VectorType(ir.IntType(16), 2 * _LANES)
+            order = ir.Constant(ir.VectorType(i32, 2 * _LANES), [x for k in range(_LANES) for x in (k, k + _LANES)])
+            h = builder.bitcast(packed, halves)
+            builder.store(builder.bitcast(builder.shuffle_vector(h, h, order), words),
+                          builder.bitcast(pointer(1), words.as_pointer()), align=4)
+        return ok
+    return types.boolean(src, dst, j, p), codegen
+
+
+@_inline
+def _scale_rows_cvt(src, start, stop, p, out):
+    h2 = src.shape[1]
+    for i in range(start, stop):
+        r = src[i]
+        o = out[i]
+        j = 0
+        while j + _LANES <= h2:
+            if not _scale_words_bf16(r, o, j, p):
+                for t in range(j, j + _LANES):  # (out may be src: each word read before it is written)
+                    w = r[t]
+                    o[t] = _u(to_bf16(lo(w, False) * p) | _u(to_bf16(hi(w, False) * p) << _U16))
+            j += _LANES
+        for t in range(j, h2):
+            w = r[t]
+            o[t] = _u(to_bf16(lo(w, False) * p) | _u(to_bf16(hi(w, False) * p) << _U16))
+
+
+@_inline
+def _scale_groups_cvt(src, group_list, params, out):
+    start = 0
+    rows = min(src.shape[0], out.shape[0])
+    for g in range(group_list.shape[0]):
+        expert, count = group_list[g, 0], group_list[g, 1]
+        if count == 0:
+            break
+        if expert < 0 or expert >= params.shape[0] or count < 0 or start + count > rows:
+            return -1 - g
+        _scale_rows_cvt(src, start, start + count, params[expert], out)
+        start += count
+    return start
+
+
+@_jit
+def scale_groups_bf16_cvt(src, group_list, params, out):
+    """scale_groups_bf16 rounding with AVX512-BF16 (BF16_CONVERT only): the same outputs, bit for bit."""
+    return _scale_groups_cvt(src, group_list, params, out)
+
+
+@_jit
+def scale_groups_inplace_bf16_cvt(rows, group_list, params):
+    """scale_groups_inplace_bf16 rounding with AVX512-BF16 (BF16_CONVERT only): the same outputs, bit for bit."""
+    return _scale_groups_cvt(rows, group_list, params, rows)
+
+
 @_jit
 def scale_groups_f16(src, group_list, params, out):
     """scale_groups_bf16 for fp16 rows."""
@@ -217,6 +317,13 @@ def scale_groups_inplace_bf16(rows, group_list, params):
     """scale_groups_bf16 with out = the rows themselves (one buffer instead of two; the out-of-place kernel on the
     same array runs scalar: LLVM's overlap check fails)."""
     return _scale_groups(rows, group_list, params, False, rows)
+
+
+
+# the integer-rounding forms (what the tests hold the AVX512-BF16 ones to), and the ones the model calls
+PORTABLE_BF16_SCALE = {"scale_groups_bf16": scale_groups_bf16, "scale_groups_inplace_bf16": scale_groups_inplace_bf16}
+if BF16_CONVERT:
+    scale_groups_bf16, scale_groups_inplace_bf16 = scale_groups_bf16_cvt, scale_groups_inplace_bf16_cvt
 
 
 @_jit

@@ -34,6 +34,39 @@ def test_scale_expert_rounds_every_16_bit_pattern_like_numpy(dtype, p):
         _same_bits(out, (x.astype(np.float32) * np.float32(p)).astype(dtype))
 
 
+@pytest.mark.parametrize("p", [0.5, 1.3719, -2.5, 3.0e38, 1.0e-30, 1.0e-39, 0.0, np.inf, np.nan])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
+def test_the_bf16_scale_expert_with_the_cpus_rounding_gives_the_integer_roundings_bits(p, in_place):
+    """Where the CPU has AVX512-BF16 the bf16 `scale` kernels round with vcvtne2ps2bf16 and send the words whose
+    products it would round differently (NaN payloads, subnormals) through the integer rounding: every bit the same,
+    NaNs included (but for a NaN parameter), for every 16-bit pattern beside another in one word, widths off the
+    16-word step too."""
+    from afd.ops import _kernels
+
+    if not _kernels.BF16_CONVERT:
+        pytest.skip("this CPU has no AVX512-BF16 (the integer rounding is the only one)")
+    rng = np.random.default_rng(7)
+    words = (EVERY_16_BIT_PATTERN.astype(np.uint32).reshape(-1)
+             | (rng.permutation(1 << 16).astype(np.uint32) << 16)).reshape(256, 256)
+    name = "scale_groups_inplace_bf16" if in_place else "scale_groups_bf16"
+    fast, portable = getattr(_kernels, name), _kernels.PORTABLE_BF16_SCALE[name]
+    assert fast is not portable
+    params = np.array([p, 0.75], np.float32)
+    for width in (256, 255, 17, 15):
+        x = np.ascontiguousarray(words[:, :width])
+        groups = np.array([[0, 200], [1, 56], [0, 0]], np.int64)
+        if in_place:
+            got, want = x.copy(), x.copy()
+            assert fast(got, groups, params) == portable(want, groups, params) == 256
+        else:
+            got, want = np.zeros_like(x), np.zeros_like(x)
+            assert fast(x, groups, params, got) == portable(x, groups, params, want) == 256
+        if np.isnan(p):  # a NaN times a NaN is either NaN (the compiled multiply's operand order): as the cast's
+            _same_bits(got.view(BF16), want.view(BF16))
+        else:
+            assert np.array_equal(got, want), (width, int(np.count_nonzero(got != want)))
+
+
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
 def test_attention_stand_in_rounds_every_16_bit_pattern_like_numpy(dtype):
     from afd.model import attention_reference
