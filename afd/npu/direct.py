@@ -31,9 +31,13 @@ class DirectPacket(OpOverloadPacket):
         self.__module__ = packet.__module__
         self._kernel = kernel
         args = packet.default._schema.arguments
-        self._positional = [(a.name, _kind(a.type)) for a in args if not a.kwarg_only]
+        positional = [a for a in args if not a.kwarg_only]
+        self._kinds = [_kind(a.type) for a in positional]
         self._by_name = {a.name: _kind(a.type) for a in args}
-        self._required = frozenset(a.name for a in args if not a.has_default_value())
+        required = {a.name for a in args if not a.has_default_value()}
+        # per count of positional arguments given: their names, and the required ones that must then come by name
+        self._taken = [frozenset(a.name for a in positional[:n]) for n in range(len(positional) + 1)]
+        self._missing = [frozenset(required - self._taken[n]) for n in range(len(positional) + 1)]
         self._direct = all(k != _OTHER for k in self._by_name.values())
 
     def __call__(self, *args, **kwargs):
@@ -44,20 +48,21 @@ class DirectPacket(OpOverloadPacket):
     def _plain(self, args, kwargs) -> bool:
         # (torch.compile needs no test here: dynamo records a call of an OpOverloadPacket in its graph without
         # tracing into it, and the graph's fake-tensor pass fails the exact-type test below)
-        if len(args) > len(self._positional) or _len_dispatch_stack() or _len_function_stack() or \
+        n = len(args)
+        if n > len(self._kinds) or _len_dispatch_stack() or _len_function_stack() or \
                 _tracing_state() is not None or _profiling() or _transforms_active():
             return False  # (a mode, torch.jit.trace, the profiler, vmap/grad/functionalize: the dispatcher's way)
-        seen = set()
-        for (name, kind), value in zip(self._positional, args):
+        for kind, value in zip(self._kinds, args):
             if not _fits(kind, value):
                 return False
-            seen.add(name)
+        if not kwargs:
+            return not self._missing[n]
+        taken, by_name = self._taken[n], self._by_name
         for name, value in kwargs.items():
-            kind = self._by_name.get(name)
-            if kind is None or name in seen or not _fits(kind, value):
+            kind = by_name.get(name)
+            if kind is None or name in taken or not _fits(kind, value):
                 return False
-            seen.add(name)
-        return self._required <= seen
+        return self._missing[n] <= kwargs.keys()
 
 
 def install(namespace, kernels: dict) -> None:

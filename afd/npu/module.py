@@ -80,8 +80,10 @@ def _total_memory() -> int:
 
 def synchronize(device=None) -> None:
     """Wait for every stream of the device; a kept stream error is raised here."""
-    index = device_index(device)
-    if not _streams.busy:  # no stream has work pending or an error kept
+    if not _streams.busy and device is None:  # no stream has work pending or an error kept (the common case)
+        return
+    index = device_index(device)  # (a device given is checked, as torch_npu checks it, even with nothing to wait)
+    if not _streams.busy:
         return
     for s in list(Stream.all_streams()):
         if s.device_index == index:

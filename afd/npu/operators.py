@@ -103,19 +103,21 @@ def _stream_of(t: torch.Tensor):
 
 
 def _launch(entry, device_tensor: torch.Tensor, kernel, args: dict | None = None, explain=None,
-            owed_by=lambda: (), waits: bool = True, holds=()) -> None:
+            owed_by=lambda: (), waits: bool = True, holds=(), debtor: catalog.Operator | None = None) -> None:
     """Run kernel() in order on the current stream, with the fault hooks, the trace span and the watchdog.
     An op that never waits (waits=False) runs at once in the caller when the stream has nothing pending, as
     ordinary tensor work does; its failure is still kept for the next sync, like any stream error.
     holds: the op's tensors (inputs and outputs), kept until the queued kernel ran: the kernel reads and writes
     them through numpy views, which keep no allocator block, and record_stream is a no-op on the fake NPU
-    because a queued op holds its tensors (a freed caller's tensor would otherwise be reused before it ran)."""
+    because a queued op holds its tensors (a freed caller's tensor would otherwise be reused before it ran).
+    debtor: the operator whose catalog says who owes its flags (explain and owed_by from it, made only if used)."""
     op = entry.name
     stream = _stream_of(device_tensor)
     inline = not waits and stream.idle()
     if inline and faults.quiet() and not trace.enabled():
         task = kernel  # nothing to fire, delay or record, and nothing to wait for: the kernel is the whole call
     else:
+        explain, owed_by = _waits_on(debtor, explain, owed_by)
         task = _hooked(op, stream, kernel, args, explain, owed_by)
     if inline:
         try:
@@ -215,12 +217,12 @@ def _ffn_owed() -> list[tuple[int, int]]:
 _OWED = {"ffn": (_slot_owner, _combine_owed), "attention": (_header_owner, _ffn_owed)}
 
 
-def _waits_on(op: catalog.Operator) -> dict:
-    """The watchdog's explain and owed_by for an operator's wait, from the catalog's debtor."""
-    if op.owes is None:
-        return {}
+def _waits_on(op: catalog.Operator | None, explain, owed_by) -> tuple:
+    """The watchdog's explain and owed_by for an operator's wait, from the catalog's debtor (else those given)."""
+    if op is None or op.owes is None:
+        return explain, owed_by
     owner, owed = _OWED[op.owes]
-    return {"explain": lambda w: _missing(w, owner), "owed_by": owed}
+    return (lambda w: _missing(w, owner)), owed
 
 
 _warm: set = set()
@@ -265,10 +267,28 @@ def _generation(entry: catalog.Entry) -> str:
     return entry.generation or module.generation()
 
 
-def _outputs(op: catalog.Operator, entry: catalog.Entry, a: dict, device, empty):
-    """The operator's outputs by its catalog rule, made with empty(shapes, torch dtypes, device)."""
-    specs = op.outputs(_shapes_of(a), _generation(entry))
-    return empty([s.shape for s in specs], [getattr(torch, s.torch_dtype) for s in specs], device)
+_SPECS: dict = {}  # (operator, generation, every argument's shape or value) -> its outputs' (shapes, torch dtypes)
+
+
+def _outputs(op: catalog.Operator, entry: catalog.Entry, a: dict, device, empty, generation: str | None = None):
+    """The operator's outputs by its catalog rule, made with empty(shapes, torch dtypes, device). The rule's answer
+    is kept per arguments' shapes and values: a decode loop asks the same every call (the rule and the dtype
+    lookups cost ~5 us of a combine's ~40 us on the host)."""
+    generation = generation or _generation(entry)
+    try:
+        key = (op.name, generation, *[v.shape if isinstance(v, torch.Tensor) else tuple(v) if type(v) is list else v
+                                      for v in a.values()])
+        made = _SPECS.get(key)
+    except TypeError:  # (a symbolic shape under a compiler): asked every time
+        key = made = None
+    if made is None:
+        specs = op.outputs(_shapes_of(a), generation)
+        made = ([s.shape for s in specs], [getattr(torch, s.torch_dtype) for s in specs])
+        if key is not None:
+            if len(_SPECS) >= 256:
+                _SPECS.clear()
+            _SPECS[key] = made
+    return empty(made[0], made[1], device)
 
 
 def _shapes_of(a: dict) -> dict:
@@ -286,7 +306,7 @@ _OP_MODULES = {  # where each operator function the kernels call lives
 }
 
 
-def _ops(*names: str) -> tuple:
+def _ops(*names: str) -> list:
     """The operators' functions, imported at the first AFD call and kept here (the operator modules load ml_dtypes
     and numba, slow imports a torch process need not pay at its start; an import statement in a hot path costs
     ~2 us warm and ~45 us once the caches are cold, a dict lookup far less)."""
@@ -295,10 +315,11 @@ def _ops(*names: str) -> tuple:
         for name, attrs in _OP_MODULES.items():
             mod = importlib.import_module(f"afd.ops.{name}")
             _OPS.update({a: getattr(mod, a) for a in attrs})
-    return tuple(_OPS[n] for n in names)
+    return [_OPS[n] for n in names]
 
 
 # -- the kernels, one per operator ----------------------------------------------------------------------------------
+_combines_checked: set = set()  # the combine's calls whose host checks passed, by what the checks read
 def _attention_worker_combine(op, entry, a):
     attention_worker_combine, check_attention_worker_combine_host = _ops("attention_worker_combine",
         "check_attention_worker_combine_host")
@@ -309,16 +330,24 @@ def _attention_worker_combine(op, entry, a):
     _context_tensor(entry, schedule_context)
     _need_npu(entry, expert_scales=expert_scales, layer_id=layer_id)
     scales, layer = numpy_of(expert_scales), numpy_of(layer_id)  # views: what the kernel reads when it runs
-    _host_check(entry, check_attention_worker_combine_host, schedule_context, scales, layer, hidden_size,
-                token_dtype, need_schedule, generation=generation)
+    checked = (scales.dtype, scales.shape, layer.dtype, layer.shape, hidden_size, token_dtype, need_schedule,
+               generation)  # (all that the host checks read: no byte of any tensor)
+    if checked not in _combines_checked:
+        _host_check(entry, check_attention_worker_combine_host, schedule_context, scales, layer, hidden_size,
+                    token_dtype, need_schedule, generation=generation)
+        if len(_combines_checked) >= 256:
+            _combines_checked.clear()
+        _combines_checked.add(checked)
     (y, next_layer_id), (out_y, out_next) = _outputs(
-        op, entry, a, schedule_context.device.index, tensors.empty_together)
+        op, entry, a, schedule_context.device.index, tensors.empty_together, generation)
+    waits = op.waits(a)
 
     def kernel():
         ctx = _context(schedule_context)
         try:
             _, nxt = attention_worker_combine(ctx, scales, layer, hidden_size, token_dtype, need_schedule,
-                                              idle=_policy(), out=out_y, host_checked=True, generation=generation)
+                                              idle=_policy() if waits else None, out=out_y, host_checked=True,
+                                              generation=generation)
         except _polling.Stopped:  # run_flag = 0 while waiting: OK, nothing reset (the real kernel has no exit)
             out_y[...] = 0
             out_next[...] = layer[:out_next.size] + 1
@@ -327,7 +356,7 @@ def _attention_worker_combine(op, entry, a):
         out_next[...] = nxt
         return {"micro_batch": int(ctx.attention.micro_batch_id)} if trace.enabled() else None
 
-    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=op.waits(a), **_waits_on(op),
+    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=waits, debtor=op,
             holds=(a, y, next_layer_id))
     return y, next_layer_id
 
@@ -348,7 +377,7 @@ def _run_scheduler(op, entry, a, fn):
         return {"micro_batch": int(ctx.attention.micro_batch_id) if op.name.startswith("attention")
                 else int(ctx.ffn.polling_index), "run_flag": ctx.run_flag}
 
-    _launch(entry, self, kernel, waits=op.waits(a), **_waits_on(op))
+    _launch(entry, self, kernel, waits=op.waits(a), debtor=op)
     return out
 
 
@@ -383,7 +412,7 @@ def _ffn_worker_batching(op, entry, a):
     max_out_shape = [int(v) for v in a["max_out_shape"]]
     _host_check(entry, check_ffn_worker_batching_host, numpy_of(schedule_context), expert_num, max_out_shape,
                 token_dtype, need_schedule, layer_num, sync_flag=sync_flag, generation=generation)
-    outs, arrays = _outputs(op, entry, a, schedule_context.device.index, tensors.empty_together)
+    outs, arrays = _outputs(op, entry, a, schedule_context.device.index, tensors.empty_together, generation)
 
     def kernel():
         ctx = _context(schedule_context)
@@ -403,7 +432,7 @@ def _ffn_worker_batching(op, entry, a):
         units = sorted({(int(s), int(m)) for s, m in zip(batch.session_ids[:n], batch.micro_batch_ids[:n])})
         return {"actual_token_num": n, "units": units}
 
-    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=op.waits(a), **_waits_on(op),
+    _launch(entry, schedule_context, kernel, {"need_schedule": need_schedule}, waits=op.waits(a), debtor=op,
             holds=(a, outs))
     return tuple(outs)
 
