@@ -43,10 +43,12 @@ def body(rt) -> None:
                 raise KernelError("attention.micro_batch_id",
                                   f"is {ctx.attention.micro_batch_id}, expected {m} (round-robin order broken)")
         try:
+            # y straight into the stream's y[m] (not a copy of 0.7 MB after it): attn<s> read the last one for
+            # this unit's residual before its A2F, and reads this one only once COMBINE_DONE says so
             with rt.op("attention_worker_combine"):
                 y, _ = attention_worker_combine(ctx, stream.scales[m], np.array([layer], np.int32), cfg.hidden_size,
                                                 token_dtype=mem.token_dtype_code, need_schedule=int(fused),
-                                                idle=rt.idle, generation=cfg.generation)
+                                                idle=rt.idle, generation=cfg.generation, out=stream.y[m])
         except Stall as exc:
             raise diagnose(rt, stream, s, m)(exc)
         if fused:
@@ -54,7 +56,6 @@ def body(rt) -> None:
             if last_flag:
                 hop_ns.append(time.monotonic_ns() - last_flag)
             rt.event("flags_ready", time.monotonic_ns(), {"last_flag_ns": last_flag})
-        stream.y[m] = y
         if layer == cfg.layers - 1:
             outputs[s, m] = y
             digests[t % len(digests), s, m] = ((t + 1) << 32) | digest(y[:valid])
