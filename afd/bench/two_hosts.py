@@ -71,18 +71,25 @@ def measure_two_hosts(steps: int, wait: str = "default", check_reference: bool =
 
 
 # -- the transport alone: one micro-batch layer's window writes through a link to a WindowServer ---------------------
+_WAYS = {  # name: (wire, seal): the stream wire is what the agents serve; ZeroMQ, what links were before (and the
+    # fake NPU's windows still are)
+    "curve": ("zmq", "curve"), "zmq_encrypted": ("zmq", "encrypted"), "zmq_none": ("zmq", None),
+    "encrypted": ("stream", "encrypted"), "trusted": ("stream", "trusted"), "none": ("stream", None)}
+
+
 def measure_transport(repeats: int = 20) -> dict:
     """ms per micro-batch layer's writes across hosts (A2F: 48 token rows into 432 slots, F2A: 432 rows, each with
-    its flags, then a read that returns once the server applied them all), over TCP on this machine, in four ways
-    side by side: libzmq's CURVE on the socket (every link before issue 21), AES-GCM sealed (the default), trusted
-    (rows in clear, GMAC), and none (no keys: the fake NPU's windows)."""
+    its flags, then a read that returns once the server applied them all), over TCP on this machine, the server in a
+    thread of this process, side by side: the stream wire encrypted (the default), trusted (rows in clear, GMAC) and
+    without keys; ZeroMQ with libzmq's CURVE on the socket (every link before issue 21), with AES-GCM seals, and
+    without keys (the fake NPU's windows)."""
     import threading
 
     import numpy as np
     import zmq
 
-    from .. import control, device
-    from ..comm_remote import AgentLink, LocalRegion, RemoteWindow, WindowServer
+    from .. import comm_stream, control, device
+    from ..comm_remote import AgentLink, LocalRegion, RemoteWindow, StreamServer, WindowServer
     from ..transport_seal import transport_key
 
     bs, k1, h = SHAPE["micro_batch_size"], SHAPE["top_k"] + 1, SHAPE["hidden_size"]
@@ -99,26 +106,36 @@ def measure_transport(repeats: int = 20) -> dict:
     dev = device.Device()
     try:
         buf = dev.malloc(4096 + 2 * n * width)
-        for mode in ("curve", "encrypted", "trusted", "none"):
+        for way, (wire, seal) in _WAYS.items():
             ctx = zmq.Context()
             auth = None
-            router = control.socket(ctx, zmq.ROUTER, rcvhwm=100000)
-            if mode == "curve":
-                auth = control.start_authenticator(ctx, curve)
-                control.curve_server(router, curve)
-            port = router.bind_to_random_port("tcp://127.0.0.1")
-            sealed = mode in ("encrypted", "trusted")
+            sealed = seal in ("encrypted", "trusted")
             server = WindowServer({buf.address: LocalRegion(dev, buf.address, buf.size)},
-                                  key=transport_key(keys) if sealed else None, seal=mode if sealed else "encrypted")
-            link = AgentLink(ctx, f"tcp://127.0.0.1:{port}", curve if mode == "curve" else keys if sealed else None,
-                             "bench", "b", seal=mode if mode != "none" else "encrypted")
-            win = RemoteWindow(link, buf.address, buf.size)
+                                  key=transport_key(keys) if sealed else None, seal=seal if sealed else "encrypted")
             done = threading.Event()
+            if wire == "stream":
+                poller = zmq.Poller()
+                stream = StreamServer(server, comm_stream.listen("127.0.0.1"), poller)
+                endpoint = f"{comm_stream.SCHEME}127.0.0.1:{stream.listener.getsockname()[1]}"
 
-            def serve():
-                while not done.is_set():
-                    if router.poll(10):
-                        server.handle(router, router.recv_multipart(copy=False))
+                def serve():
+                    while not done.is_set():
+                        for fd, _ in poller.poll(10):
+                            stream.serve(fd)
+            else:
+                router = control.socket(ctx, zmq.ROUTER, rcvhwm=100000)
+                if seal == "curve":
+                    auth = control.start_authenticator(ctx, curve)
+                    control.curve_server(router, curve)
+                endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+                def serve():
+                    while not done.is_set():
+                        if router.poll(10):
+                            server.handle(router, router.recv_multipart(copy=False))
+            link = AgentLink(ctx, endpoint, curve if seal == "curve" else keys if sealed else None, "bench", "b",
+                             seal=seal or "encrypted")
+            win = RemoteWindow(link, buf.address, buf.size)
             t = threading.Thread(target=serve)
             t.start()
             slots = np.arange(n, dtype=np.int64)
@@ -135,12 +152,15 @@ def measure_transport(repeats: int = 20) -> dict:
             finally:
                 done.set()
                 t.join()
+                link.close()
+                if wire == "stream":
+                    stream.close()
                 if auth is not None:
                     auth.stop()
                 ctx.destroy(linger=0)
-            out[mode] = {"ms": float(np.median(times[2:])) * 1e3, "refused": server.refused,
-                         "seal_ms": link.seal_ns / 1e6 / len(times), "open_ms": sum(
-                             st["open_ns"] for st in server.stats.values()) / 1e6 / len(times)}
+            out[way] = {"ms": float(np.median(times[2:])) * 1e3, "refused": server.refused,
+                        "seal_ms": link.seal_ns / 1e6 / len(times), "open_ms": sum(
+                            st["open_ns"] for st in server.stats.values()) / 1e6 / len(times)}
         del buf
     finally:
         dev.close()
