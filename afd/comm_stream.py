@@ -5,10 +5,11 @@ A message: prefix <magic op meta-count sealed head-bytes body-bytes> (16 bytes),
 (each a u32 length and its bytes) [head tag (16)], then the body (with its 16-byte tag when sealed, see
 afd.transport_seal). The writer hands the kernel the prefix+head and the body where they are (one sendmsg, no copy
 of ours); the reader takes a body straight into the buffer its head names (a window's rows, or a reusable buffer).
-Sockets block in the kernel (one sendmsg for a whole body, one MSG_WAITALL receive: measured 0.4 ms of the
-sender's CPU for 6.2 MB where a non-blocking send and poll loop took 1-2 ms), bounded by SO_SNDTIMEO/SO_RCVTIMEO,
-so a dead peer is an error, not a hang; a reader looks for the next message with MSG_DONTWAIT. ZeroMQ stays the wire of the fake NPU's windows (afd.npu.remote); its copies and I/O threads cost the agents'
-bulk ~2x (measured: afd.bench.two_hosts.measure_transport).
+Sockets block in the kernel (one sendmsg for a whole body, one MSG_WAITALL receive, no poll per chunk: a raw
+socket's sender paid 0.4-1.2 ms of CPU for 6.2 MB sent whole, 0.9-1.1 ms in 64 KiB pieces), bounded by
+SO_SNDTIMEO/SO_RCVTIMEO, so a dead peer is an error, not a hang; a reader looks for the next message with
+MSG_DONTWAIT. ZeroMQ stays the wire of the fake NPU's windows (afd.npu.remote). Measured against it
+(docs/benchmarks.md, "The stream wire"): 14-23% less CPU per micro-batch layer over a whole two-host run.
 """
 from __future__ import annotations
 

@@ -4,9 +4,10 @@
 # their parts and reporting them. Per micro-batch layer, summed over both directions (A2F rows + F2A rows, flags):
 # - serialise: the writer building a put's frames (gathering the rows, run lengths, headers);
 # - seal / open: AES-GCM at the writer / at the agent (encrypted, or GMAC only on a trusted network);
-# - send: the writer's send call (ZeroMQ queues the frames; its I/O thread writes them to TCP);
-# - transfer: a rows message's send time (in its seal) to the agent's receive: TCP, both I/O threads, and the wait
-#   in the agent's queue behind earlier messages (one clock: both hosts are this machine);
+# - send: the writer's send call (the stream wire: the kernel copies the body into the socket, waiting only when the
+#   agent is a whole socket buffer behind);
+# - transfer: a rows message's send time (in its seal) to the agent having received and opened it: TCP, the wait behind the
+#   agent's earlier messages, the open (one clock: both hosts are this machine);
 # - apply: the agent copying rows and flags into its host's windows (and answering reads);
 # - backpressure reads: A2F's reads of the FFN header across hosts (a round trip behind the link's earlier puts);
 # - doorbell: the agent ringing a local role for a remote writer; the hop: the last F2A flag stamp to the scheduler's
