@@ -516,6 +516,8 @@ class StreamServer:
         self.conns: dict[int, list] = {}  # fd -> [socket, reader, who]
         self._plain = np.empty(0, np.uint8)  # reusable bodies (no fresh, page-faulting buffer per message)
         self._sealed = np.empty(0, np.uint8)
+        # no body is larger than the largest region (+ its tag): a bigger one is refused before anything is taken
+        self._max_body = max((r.size for r in server.regions.values()), default=0) + (1 << 16)
         poller.register(listener.fileno(), zmq.POLLIN)
 
     def serve(self, fd: int, limit: int = 1000) -> None:
@@ -562,6 +564,8 @@ class StreamServer:
     def _message(self, conn: list, op: bytes, seal: bytes, meta: list, tag: bytes, body_len: int) -> None:
         server, opener = self.server, self.server.opener
         n, link, open_ns = body_len, None, 0
+        if body_len > self._max_body:
+            raise KernelError("window", f"a message body of {body_len} bytes: larger than any window here")
         if opener is not None:
             t0 = time.perf_counter_ns()
             if not seal or body_len < TAG_BYTES:

@@ -171,3 +171,12 @@ def test_sealed_stream_refuses_replays_forgeries_and_other_runs(agent_factory, m
     _deliver(agent, wire)
     assert agent.server.refused == 4 and flags() == [0] * 4
     tap.close()
+
+
+def test_a_body_larger_than_any_window_is_refused_before_it_is_taken(agent_factory):
+    agent = agent_factory()  # no key: nothing else would stop it
+    head = comm_stream.head_bytes(b"R", [struct.pack("<QqqII", agent.buf.address, 0, 64, 1, 64),
+                                         np.zeros(1, np.int64).tobytes()], 1 << 40)
+    _deliver(agent, head)
+    assert agent.server.refused == 1 and "larger than any window" in agent.server.last_error
+    assert not agent.stream.conns  # the connection is closed
