@@ -103,6 +103,8 @@ def tables(r: dict) -> list[Table]:
     for name, measured in rows:
         tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
     tables_ = [thr, hop, tgt, two_host_table(r)]
+    if r.get("pipeline_breakdown"):
+        tables_.append(one_host_table(r["pipeline_breakdown"]))
     if r.get("stages"):
         tables_.append(stage_table(r["stages"], r.get("stages_total"), d.get("stages") or {}))
     if r.get("round_trip"):
@@ -138,6 +140,20 @@ def two_host_table(r: dict) -> Table:
         if key != "one_host_period":
             table.add_row(key, _f(enc.get(key)), _f(tru.get(key)))
     table.add_row("one host's period", _f(enc.get("one_host_period")), "")
+    return table
+
+
+def one_host_table(b: dict) -> Table:
+    """Where the one-host pipeline's period goes (afd bench's pipeline_breakdown): each role's busy, waiting and idle
+    ms per micro-batch layer, and the hand-offs between roles."""
+    from rich.table import Table
+    hand_offs = ", ".join(f"{k} {v:.0f} us" for k, v in (b.get("hand_offs_us_p50") or {}).items())
+    table = Table(title=f"one host: ms per micro-batch layer of each role (period {_f(b.get('period'), '{:.2f}')} ms)",
+                  caption=f"hand-offs p50: {hand_offs}" if hand_offs else None)
+    for col in ("role", "busy", "waiting", "idle"):
+        table.add_column(col, justify="left" if col == "role" else "right")
+    for role, parts in (b.get("roles") or {}).items():
+        table.add_row(role, *(_f(parts.get(k), "{:.2f}") for k in ("busy", "waiting", "idle")))
     return table
 
 
