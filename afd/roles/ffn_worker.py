@@ -133,9 +133,11 @@ def body(rt) -> None:
             p = last + 1 + (key[2] - last - 1) % cfg.layers  # next pass of this (session, mb) at that layer
             passes[key[:2]] = p
             units.append([*key, p // cfg.layers])
-        s0, m0, layer0 = units[0][:3]
-        # the step: from the session's A2F counter on this host, else from the passes seen (the same number)
-        step0 = _step_of(cfg, int(a2f_done[s0][A2F_DONE]), layer0, m0) if s0 in a2f_done else units[0][3]
+        # the round's point is its earliest unit: a 950 snapshot may take sessions a step apart, and a fault at a
+        # step must not touch an earlier step's data. A unit's step: from the session's A2F counter on this host,
+        # else from the passes seen (the same number)
+        step0, layer0, m0 = min((_step_of(cfg, int(a2f_done[s][A2F_DONE]), layer, mb) if s in a2f_done else step,
+                                 layer, mb) for s, mb, layer, step in units)
         rt.at(step0, layer0, m0)
         return units, (step0, layer0, m0)
 
