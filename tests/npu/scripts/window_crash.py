@@ -15,7 +15,7 @@ torch.npu.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group(backend="hccl")
 window = torch.zeros(4096 * (rank + 1), dtype=torch.uint8, device="npu")
 got = hccl.exchange_windows(dist.group.WORLD, window.data_ptr(), window.numel(), zero=True)
-print(f"exchanged {sorted(comm.resolve(got.group_name).windows)}", flush=True)  # one write: the ranks share an output
+print(f"exchanged {sorted(comm.resolve(got.group_name).windows)}\n", end="", flush=True)  # one write: ranks share an output
 if rank == 1:
     raise RuntimeError("rank 1 crashes with its window exposed")
 if rank == 2:
