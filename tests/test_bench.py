@@ -10,7 +10,7 @@ NUMBERS = ("micro_batch_layers_per_s", "ratio_vs_queue", "fraction_of_copy_bound
            "hop_latency_us_p99", "hop_latency_us_p50_spin", "hop_latency_us_p99_spin",
            "queue_micro_batch_layers_per_s", "copy_bound_micro_batch_layers_per_s",
            "two_host_micro_batch_layers_per_s", "two_host_vs_one_host", "two_host_hop_latency_us_p50",
-           "torch_combine_vs_numpy")
+           "torch_combine_vs_numpy", "pipeline_fused_micro_batch_layers_per_s", "pipeline_fused_vs_stage_ideal")
 # Bytes read + written per micro-batch layer at BS=48, K=8 (9 slots a token, 432 slots), H=7168 bf16 (14,336-byte
 # rows), as documented in afd/bench/stages.py, worked out by hand.
 STAGE_BYTES = {
@@ -39,6 +39,8 @@ def test_bench_quick_json_has_every_figure():
     assert result["outputs_match_reference"] is True  # the pipeline computed the right numbers
     assert result["queue_outputs_match_reference"] is True  # and the baseline did the same work
     assert result["two_host_outputs_match_reference"] is True  # across hosts through the window transport too
+    assert result["pipeline_fused_outputs_match_reference"] is True  # and with the scheduler fused into the combine
+    assert {"attn0", "sched0", "combine0", "ffn0"} <= set(result["pipeline_breakdown"]["roles"])  # every role's time
     for name in ("ratio_vs_queue", "fraction_of_copy_bound", "hop_latency_us_p50", "hop_latency_us_p50_spin"):
         assert isinstance(result["targets"][name]["pass"], bool)
     ops = result["ops"]

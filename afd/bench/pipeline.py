@@ -42,12 +42,13 @@ def _percentiles_us(samples_ns) -> dict:
 
 # -- the real pipeline ----------------------------------------------------------------------------------------------
 def measure_pipeline(steps: int, wait: str = "default", check_reference: bool = True, attempts: int = 2,
-                     two_hosts: bool = False) -> dict:
-    """One pipeline run (on one host, or across two hosts through the remote window transport); a run that does not
+                     two_hosts: bool = False, fuse_scheduler: bool = False) -> dict:
+    """One pipeline run (on one host, or across two hosts through the remote window transport; fuse_scheduler: the
+    combine role polls the flags itself, one process and one hand-off fewer a session); a run that does not
     complete (e.g. another process swept its segments) is retried once."""
     from ..launcher.pipeline import run
 
-    extra = TWO_HOSTS if two_hosts else {}
+    extra = {**(TWO_HOSTS if two_hosts else {}), **({"fuse_scheduler": True} if fuse_scheduler else {})}
     for attempt in range(attempts):
         t0 = time.monotonic()
         result = run(bench_config(steps, wait=wait, check_reference=check_reference, **extra))

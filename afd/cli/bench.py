@@ -99,7 +99,10 @@ def tables(r: dict) -> list[Table]:
             ("two_host_hop_latency_us_p50", _f(r["two_host_hop_latency_us_p50"]) + " us (put -> store "
                                             + _f(r["two_host_put_to_store_us_p50"]) + " us)"),
             ("pipeline_vs_stage_ideal", f"{r['pipeline_vs_stage_ideal']:.1%} of "
-                                        f"{r['stage_ideal_micro_batch_layers_per_s']:.1f} micro-batch layers/s")]
+                                        f"{r['stage_ideal_micro_batch_layers_per_s']:.1f} micro-batch layers/s"
+                                        + (f" (scheduler fused into the combine role: "
+                                           f"{r['pipeline_fused_vs_stage_ideal']:.1%})"
+                                           if "pipeline_fused_vs_stage_ideal" in r else ""))]
     for name, measured in rows:
         tgt.add_row(name, measured, t[name]["target"], _verdict(t[name]["pass"]))
     tables_ = [thr, hop, tgt, two_host_table(r)]
