@@ -148,6 +148,13 @@ class RoleRuntime:
         if self.mem is None:
             self.mem = RunMemory.attach(self.cfg, self.plan, self.host)
         self.mem.remote = self.link
+        if "hosts" in self.plan and not self.role.startswith(AGENT_PREFIX):
+            # every link to another host's agent now, while joining: a connect (a name lookup, the handshake, the
+            # seal's keys) inside the run would silence this role's heartbeats (a compose demo's first A2F took
+            # over the 1 s hang bound that way)
+            for host in self.plan["hosts"]:
+                if host != self.host:
+                    self.link(host)
         if self.role in self.mem.role_index:
             self.status = self.mem.status()[self.mem.role_index[self.role]]
         else:  # an agent: no row in the roles' status table
