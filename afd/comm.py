@@ -25,6 +25,30 @@ class Window(Protocol):
         """Read `count` int32 at offset (a fresh copy)."""
 
 
+def check_rows(size: int, offset: int, stride: int, index: np.ndarray, width: int) -> None:
+    """Rows `width` bytes wide into slots `stride` apart from `offset` stay inside a `size`-byte window."""
+    if offset < 0 or offset + int(index.max()) * stride + width > size or int(index.min()) < 0:
+        raise KernelError("window", f"write of {index.size} rows at offset {offset} stride {stride} "
+                                    f"runs past the {size}-byte window")
+
+
+def check_ints(size: int, offset: int, index: np.ndarray, itemsize: int = 4) -> int:
+    """An int32 (int64) write at `index` from `offset` stays inside a `size`-byte window; the highest index."""
+    # (a header is one index: no reductions; ~1 us each, a few per micro-batch on both sides)
+    hi, lo = (int(index[0]),) * 2 if index.size == 1 else (int(index.max()), int(index.min()))
+    if offset < 0 or offset + itemsize * (hi + 1) > size or lo < 0:
+        raise KernelError("window", f"int{8 * itemsize} write at offset {offset} index {hi} "
+                                    f"runs past the {size}-byte window")
+    return hi
+
+
+def check_source_rows(index: np.ndarray, src_index: np.ndarray, src: np.ndarray) -> None:
+    """put_rows_of's source indices: one per slot, each a row of src."""
+    if src_index.shape != index.shape or int(src_index.min()) < 0 or int(src_index.max()) >= src.shape[0]:
+        raise KernelError("window", f"source rows {src_index.tolist()[:8]} do not match {index.size} slots of "
+                                    f"a source of {src.shape[0]} rows")
+
+
 class LocalWindow:
     """A window in this host's simulated device memory: puts are plain stores into shared memory."""
 
@@ -45,9 +69,7 @@ class LocalWindow:
         if index.size == 0:
             return
         width = rows.shape[1] * rows.dtype.itemsize
-        if offset < 0 or offset + int(index.max()) * stride + width > self.size or int(index.min()) < 0:
-            raise KernelError("window", f"write of {index.size} rows at offset {offset} stride {stride} "
-                                        f"runs past the {self.size}-byte window")
+        check_rows(self.size, offset, stride, index, width)
         n_slots = (self.size - offset) // stride
         slots = self.bytes[offset:offset + n_slots * stride].reshape(n_slots, stride)
         slots[index, :width] = np.ascontiguousarray(rows).view(np.uint8).reshape(len(index), width)
@@ -66,13 +88,9 @@ class LocalWindow:
         width = src.shape[1] * src.dtype.itemsize
         if width > stride:  # (put_rows fails on it too: a row would spill into the next slot)
             raise KernelError("window", f"rows of {width} bytes do not fit slots {stride} bytes apart")
-        if offset < 0 or offset + int(index.max()) * stride + width > self.size or int(index.min()) < 0:
-            raise KernelError("window", f"write of {index.size} rows at offset {offset} stride {stride} "
-                                        f"runs past the {self.size}-byte window")
+        check_rows(self.size, offset, stride, index, width)
         src_index = np.asarray(src_index, dtype=np.int64)
-        if src_index.shape != index.shape or int(src_index.min()) < 0 or int(src_index.max()) >= src.shape[0]:
-            raise KernelError("window", f"source rows {src_index.tolist()[:8]} do not match {index.size} slots of "
-                                        f"a source of {src.shape[0]} rows")
+        check_source_rows(index, src_index, src)
         from .ops import _kernels  # (the roles and the fake NPU load them ahead: warm_up_copy_rows)
         n_slots = (self.size - offset) // stride
         slots = self.bytes[offset:offset + n_slots * stride].reshape(n_slots, stride)
@@ -89,11 +107,7 @@ class LocalWindow:
         index = np.asarray(index, dtype=np.int64)
         if index.size == 0:
             return
-        # (a header is one index: no reductions; ~1 us each, a few per micro-batch on both sides)
-        hi, lo = (int(index[0]),) * 2 if index.size == 1 else (int(index.max()), int(index.min()))
-        if offset < 0 or offset + 4 * (hi + 1) > self.size or lo < 0:
-            raise KernelError("window", f"int32 write at offset {offset} index {hi} "
-                                        f"runs past the {self.size}-byte window")
+        hi = check_ints(self.size, offset, index)
         ints = self.bytes[offset:offset + 4 * (hi + 1)].view("<i4")
         ints[index] = values
 

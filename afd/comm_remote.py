@@ -50,7 +50,7 @@ import numpy as np
 import zmq
 
 from . import comm_stream, control
-from .comm import LocalWindow
+from .comm import LocalWindow, check_ints, check_rows, check_source_rows
 from .errors import KernelError
 from .transport_seal import TAG_BYTES, TRUSTED, LinkSealer, SealOpener, transport_key
 
@@ -61,18 +61,6 @@ _SEQ = struct.Struct("<Q")
 SEND_TIMEOUT_S = 5.0
 REPLY_TIMEOUT_S = 5.0
 log = logging.getLogger("afd.comm_remote")
-
-
-def check_rows(size: int, offset: int, stride: int, index: np.ndarray, width: int) -> None:
-    if offset < 0 or offset + int(index.max()) * stride + width > size or int(index.min()) < 0:
-        raise KernelError("window", f"write of {index.size} rows at offset {offset} stride {stride} "
-                                    f"runs past the {size}-byte window")
-
-
-def check_ints(size: int, offset: int, index: np.ndarray, itemsize: int = 4) -> None:
-    if offset < 0 or offset + itemsize * (int(index.max()) + 1) > size or int(index.min()) < 0:
-        raise KernelError("window", f"int{8 * itemsize} write at offset {offset} index {int(index.max())} "
-                                    f"runs past the {size}-byte window")
 
 
 class AgentLink:
@@ -296,9 +284,7 @@ class RemoteWindow:
         src_index = np.asarray(src_index, dtype=np.int64)
         width = src.shape[1] * src.dtype.itemsize
         check_rows(self.size, offset, stride, index, width)
-        if src_index.shape != index.shape or int(src_index.min()) < 0 or int(src_index.max()) >= src.shape[0]:
-            raise KernelError("window", f"source rows {src_index.tolist()[:8]} do not match {index.size} slots of "
-                                        f"a source of {src.shape[0]} rows")
+        check_source_rows(index, src_index, src)
         raw = src.view(np.uint8).reshape(src.shape[0], width)
         header = _ROWS.pack(self.address, offset, stride, index.size, width)
         steps = np.diff(src_index)
