@@ -57,6 +57,14 @@ def seal_mode(trusted_network: bool) -> str:
     return TRUSTED if trusted_network else ENCRYPTED
 
 
+def preload() -> None:
+    """Import the seal's cipher and key derivation now: an agent opens its first message inside the run, where an
+    import that takes a loaded machine a second silences its heartbeats."""
+    from cryptography.exceptions import InvalidTag  # noqa: F401
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: F401
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: F401
+
+
 def _aead(key: bytes, link_id: bytes):
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     return AESGCM(_hkdf(key, _INFO_LINK, salt=link_id))

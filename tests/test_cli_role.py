@@ -49,7 +49,19 @@ def env(tmp_path):
     return e
 
 
-def _start(tmp_path, env, steps=None):
+# `afd role ...` whose RunMemory.attach (after the welcome) first creates the file argv[2], then waits argv[1]
+# seconds: a role still joining (as on a loaded machine) after the others are ready
+SLOW_ATTACH = """
+import sys, time
+from afd.cli import main
+from afd.runtime.memory import RunMemory
+attach, delay, mark = RunMemory.attach, float(sys.argv[1]), sys.argv[2]
+RunMemory.attach = lambda *a, **k: (open(mark, "w").close(), time.sleep(delay), attach(*a, **k))[2]
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _start(tmp_path, env, steps=None, slow: dict[str, float] | None = None):
     port = _port()
     keys = str(tmp_path / "keys" / "curve.json")
     ctl = [sys.executable, "-m", "afd", "role", "controller", "--config", str(tmp_path / "two.yaml"),
@@ -57,7 +69,10 @@ def _start(tmp_path, env, steps=None):
     procs = {"controller": subprocess.Popen(ctl, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
     for args in ROLES:
         name = args[0] + args[-1]
-        procs[name] = subprocess.Popen([sys.executable, "-m", "afd", "role", *args, "--controller",
+        head = [sys.executable, "-c", SLOW_ATTACH, str(slow[name]), str(tmp_path / f"{name}.attaching")] \
+            if name in (slow or {}) else \
+            [sys.executable, "-m", "afd"]
+        procs[name] = subprocess.Popen([*head, "role", *args, "--controller",
                                         f"tcp://127.0.0.1:{port}", "--keys", keys], env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return procs
@@ -95,6 +110,39 @@ def test_roles_started_one_by_one_complete_and_match(tmp_path, env):
     health = Path(env["AFD_HEALTH_DIR"])
     assert {"controller", "agent-attn", "agent-ffn", "sched0", "ffn1"} <= {p.name for p in health.iterdir()}
     assert (health / "sched0").read_text() == "completed"
+
+
+@pytest.mark.timeout(120)
+def test_the_run_starts_only_once_every_role_is_ready(tmp_path, env):
+    """sched0 attaches its memory 3 s after the welcome, long after the others are ready: the run waits for it
+    (a role subscribes only once ready) instead of starting and finding it silent past the 1 s hang bound."""
+    out = _finish(_start(tmp_path, env, slow={"sched0": 3.0}))
+    code, text = out["controller"]
+    assert code == 0 and "outcome: completed" in text and "outputs match reference: yes" in text, text
+    assert all(c == 0 for c, _ in out.values()), {k: v for k, v in out.items() if v[0]}
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_while_joining_reaches_a_role_not_yet_ready(tmp_path, env, monkeypatch, capsys):
+    """`afd stop` while sched0 is still attaching (welcomed, not yet subscribed, so deaf to the broadcast): the
+    controller tells each registered role directly, and every process ends stopped at once, not after sched0's
+    start timeout (60 s)."""
+    procs = _start(tmp_path, env, steps=100000, slow={"sched0": 1.2})
+    try:
+        end = time.monotonic() + 60
+        while not (tmp_path / "sched0.attaching").exists() and time.monotonic() < end:
+            time.sleep(0.02)
+        monkeypatch.setenv("AFD_RUN_DIR", env["AFD_RUN_DIR"])
+        t0 = time.monotonic()
+        assert main(["stop", "--wait", "0"]) == 0  # (in this process: within sched0's 1.2 s attach)
+        assert "(phase joining)" in capsys.readouterr().out
+    finally:
+        out = _finish(procs, timeout=30)
+    assert time.monotonic() - t0 < 15, "the processes took their start timeout to end"
+    code, text = out["controller"]
+    assert code == 0 and "outcome: stopped" in text, text
+    assert all(c == 0 for c, _ in out.values()), {k: v for k, v in out.items() if v[0]}
+    assert "stopped" in out["sched0"][1]
 
 
 def _wait_running(env, within: float = 60.0) -> None:

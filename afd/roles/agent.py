@@ -22,6 +22,7 @@ from ..comm_remote import StreamServer, WindowServer
 from ..config import AGENT_PREFIX
 from ..device import Device, new_namespace
 from ..runtime.memory import STATUS, STATUS_FIELDS, RunMemory
+from ..transport_seal import preload as preload_seal
 from ..transport_seal import seal_mode, transport_key
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -36,8 +37,14 @@ def transport_endpoints(address: str) -> tuple[str, str]:
 
 
 def prepare(rt) -> None:
-    """Before joining: the memory is created once the welcome brings the run's config (on_welcome)."""
+    """Before joining: what applying and opening the puts runs is loaded (numba's row copies, the seal's cipher), so
+    the first puts inside the run do not wait for an import (on a loaded machine the agents' numba import took 1-3 s
+    there, and the writers waiting on their replies missed the 1 s hang bound); the memory is created once the
+    welcome brings the run's config (on_welcome)."""
+    from ..ops._kernels import warm_up_copy_rows
     rt.host = rt.role[len(AGENT_PREFIX):]
+    warm_up_copy_rows()
+    preload_seal()
 
     def on_welcome() -> None:
         cfg, host = rt.cfg, rt.host

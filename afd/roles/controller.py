@@ -90,8 +90,11 @@ class Controller:
             self.mem.stop_all()  # the truth: every poll re-reads run_flag
         # the wake-up (and, across hosts, each host writes its run_flag); the outcome tells a role what to report
         self.broadcast("stop", {"reason": reason, "outcome": outcome})
-        for identity in self.pending_welcome.values():  # roles still waiting for the plan never subscribed
-            self.reply(identity, "stop", {"reason": reason})
+        if self.phase == "joining":
+            # a registered role subscribes only once it is ready (or waits for the plan): it may not hear the
+            # broadcast, so each is told directly, or it would wait for a start until its own start timeout
+            for role in self.registered:
+                self.reply(role.encode(), "stop", {"reason": reason})
         self.pending_welcome.clear()
         self.outcome, self.reason, self.failure = outcome, reason, failure
         self.detect_ns = time.monotonic_ns()

@@ -139,29 +139,20 @@ class RoleRuntime:
             self.cfg = Config.model_validate(welcome["config"])
         if self.plan is None:
             self.plan = welcome["plan"]
+        try:
+            self._get_ready()
+        except Exception as exc:
+            # the run stopped while this role was getting ready (its host's memory or agent already gone): a stop
+            reason = self._stop_told(0.5)
+            if reason is None:
+                raise
+            raise Stopped(reason=reason) from exc
+        # subscribing is this role's "ready": the controller starts the run once every role has subscribed, so
+        # everything above (the memory attached, the links to other hosts' agents open) is done before the run
+        # and its 1 s hang bound begin (subscribed at the welcome, a role still attaching on a loaded machine
+        # missed its first heartbeats: 'sched0 stopped heartbeating for 1.0s' in 3 of 6 runs of 8 processes)
         self.sub.connect(_reachable(welcome["pub"], self.controller_endpoint))
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        if self.on_welcome is not None:
-            self.on_welcome()
-        if "namespace" not in self.plan:  # agent mode: each host's memory is its agent's, found in plan["hosts"]
-            self.host = self.cfg.host_of(self.role)
-        if self.mem is None:
-            self.mem = RunMemory.attach(self.cfg, self.plan, self.host)
-        self.mem.remote = self.link
-        if "hosts" in self.plan and not self.role.startswith(AGENT_PREFIX):
-            # every link to another host's agent now, while joining: a connect (a name lookup, the handshake, the
-            # seal's keys) inside the run would silence this role's heartbeats (a compose demo's first A2F took
-            # over the 1 s hang bound that way)
-            for host in self.plan["hosts"]:
-                if host != self.host:
-                    self.link(host)
-        if self.role in self.mem.role_index:
-            self.status = self.mem.status()[self.mem.role_index[self.role]]
-        else:  # an agent: no row in the roles' status table
-            import numpy as np
-            self.status = np.zeros(len(STATUS), np.int64)
-        self.status[STATUS["pid"]] = os.getpid()
-        self.status[STATUS["state"]] = 1
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
@@ -189,6 +180,43 @@ class RoleRuntime:
                     return
                 if kind == "stop":
                     raise Stopped(reason=payload.get("reason", "stopped before start"))
+
+    def _get_ready(self) -> None:
+        """After the welcome: this role's memory attached (an agent's created), its links to other hosts' agents open
+        and its status row set, everything a role does before it may run."""
+        if self.on_welcome is not None:
+            self.on_welcome()
+        if "namespace" not in self.plan:  # agent mode: each host's memory is its agent's, found in plan["hosts"]
+            self.host = self.cfg.host_of(self.role)
+        if self.mem is None:
+            self.mem = RunMemory.attach(self.cfg, self.plan, self.host)
+        self.mem.remote = self.link
+        if "hosts" in self.plan and not self.role.startswith(AGENT_PREFIX):
+            # every link to another host's agent now, while joining: a connect (a name lookup, the handshake, the
+            # seal's keys) inside the run would silence this role's heartbeats (a compose demo's first A2F took
+            # over the 1 s hang bound that way)
+            for host in self.plan["hosts"]:
+                if host != self.host:
+                    self.link(host)
+        if self.role in self.mem.role_index:
+            self.status = self.mem.status()[self.mem.role_index[self.role]]
+        else:  # an agent: no row in the roles' status table
+            import numpy as np
+            self.status = np.zeros(len(STATUS), np.int64)
+        self.status[STATUS["pid"]] = os.getpid()
+        self.status[STATUS["state"]] = 1
+
+    def _stop_told(self, seconds: float) -> str | None:
+        """The reason of a stop the controller sent this role directly (within `seconds`), else None."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0 and self.dealer.poll(int(left * 1000) + 1):
+            try:
+                kind, payload = control.decode(self.dealer.recv_multipart(zmq.NOBLOCK))
+            except (control.MalformedMessage, zmq.Again):
+                continue
+            if kind == "stop":
+                return payload.get("reason", "stopped before start")
+        return None
 
     def on_start(self, payload: dict) -> None:
         """Faults arrive with the start message; keep the ones that target this role."""
