@@ -167,9 +167,12 @@ def quantize_int8(rows: np.ndarray, generation: str = "A3") -> tuple[np.ndarray,
     if generation == "A3":
         amax = np.max(np.abs(rows), axis=1)
         dequant = (amax / np.float32(127)).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        # a subnormal max|x| overflows 127/max|x| to inf, as fp32 does on the device: the row's max then saturates
+        # and its zeros (0 * inf = NaN) are written 0, as 950's NaN products are
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             quant = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-        q = np.clip(np.rint(rows * quant[:, None]), -127, 127).astype(np.int8)
+            v = np.rint(rows * quant[:, None])
+        q = np.clip(np.nan_to_num(v, nan=0.0), -127, 127).astype(np.int8)
         return q, dequant
     f = np.asarray(rows).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
