@@ -101,6 +101,29 @@ def test_stream_link_applies_in_order_in_place_and_reads_back(agent_factory, mod
     link.close()
 
 
+@pytest.mark.parametrize("mode", [None, "encrypted"])
+def test_an_agent_compiles_nothing_at_its_puts(agent_factory, mode):
+    """What an agent applies puts with is loaded when it starts (WindowServer: warm_up_copy_rows), read-only arrays
+    included: an index parsed from a message's bytes is another type to numba, and a container whose cache lacked it
+    compiled it at its first puts inside the run (the compose demo's hops: p99 160-290 ms)."""
+    from afd.ops import _kernels
+    keys = _keys() if mode else None
+    agent = agent_factory(key=transport_key(keys), mode=mode or "encrypted")
+    kernels = (_kernels.copy_rows, _kernels.stream_rows)
+    loaded = [list(k.signatures) for k in kernels]
+    link = AgentLink(None, agent.endpoint, keys, "writer", "h", seal=mode or "encrypted")
+    win = RemoteWindow(link, agent.buf.address, agent.buf.size)
+    rows = np.arange(6 * 32, dtype=np.int16).reshape(6, 32)
+    win.put_rows_of(1024, 64, np.arange(2, 8), rows, np.arange(6))  # in place
+    win.put_rows(8192, 128, np.array([3, 0, 2]), rows[[5, 4, 3]])  # scattered: the row copy
+    win.put_rows_of(16384, 64, np.array([4, 0, 2, 1, 3]), rows, np.repeat(np.arange(2), [3, 2]))  # runs
+    win.put_rows(24576, 66, np.array([1, 0]), rows[:2, :33].copy())  # not whole words: the byte copy
+    assert win.get_i32(0, 1).tolist() == [0]  # (answered after every put before it)
+    assert agent.server.refused == 0
+    assert [list(k.signatures) for k in kernels] == loaded
+    link.close()
+
+
 def _capture(tap: socket.socket) -> bytes:
     """Everything a link sent to a tap (our stand-in for the wire) so far."""
     conn, _ = tap.accept()
