@@ -141,6 +141,8 @@ class RoleRuntime:
             self.plan = welcome["plan"]
         try:
             self._get_ready()
+        except (Stopped, ControllerLost):
+            raise  # (a signal or a lost controller: already the answer)
         except Exception as exc:
             # the run stopped while this role was getting ready (its host's memory or agent already gone): a stop
             reason = self._stop_told(0.5)
