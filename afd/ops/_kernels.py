@@ -185,19 +185,27 @@ def _scale_rows(src, start, stop, p, half, out):
             o[j] = _u(narrow(lo(w, half) * p, half) | _u(narrow(hi(w, half) * p, half) << _U16))
 
 
-@_inline
-def _scale_groups(src, group_list, params, half, out):
-    start = 0
-    rows = min(src.shape[0], out.shape[0])
-    for g in range(group_list.shape[0]):
-        expert, count = group_list[g, 0], group_list[g, 1]
-        if count == 0:
-            break
-        if expert < 0 or expert >= params.shape[0] or count < 0 or start + count > rows:
-            return -1 - g
-        _scale_rows(src, start, start + count, params[expert], half, out)
-        start += count
-    return start
+def _group_walk(scale_rows):
+    """The grouped `scale` expert's walk for a row kernel scale_rows(src, start, stop, p, half, out): group g
+    (group_list[g] = [local expert id, count], in order, up to a [.., 0] row) scaled by params[id]; the rows done,
+    or -1 - g for a bad group. (scale_rows is a constant of the walk: each kernel compiles its own, inlined.)"""
+    @_inline
+    def walk(src, group_list, params, half, out):
+        start = 0
+        rows = min(src.shape[0], out.shape[0])
+        for g in range(group_list.shape[0]):
+            expert, count = group_list[g, 0], group_list[g, 1]
+            if count == 0:
+                break
+            if expert < 0 or expert >= params.shape[0] or count < 0 or start + count > rows:
+                return -1 - g
+            scale_rows(src, start, start + count, params[expert], half, out)
+            start += count
+        return start
+    return walk
+
+
+_scale_groups = _group_walk(_scale_rows)
 
 
 @_jit
@@ -262,7 +270,7 @@ def _scale_words_bf16(typingctx, src, dst, j, p):
 
 
 @_inline
-def _scale_rows_cvt(src, start, stop, p, out):
+def _scale_rows_cvt(src, start, stop, p, half, out):  # (half: always False, bf16 only)
     h2 = src.shape[1]
     for i in range(start, stop):
         r = src[i]
@@ -279,31 +287,19 @@ def _scale_rows_cvt(src, start, stop, p, out):
             o[t] = _u(to_bf16(lo(w, False) * p) | _u(to_bf16(hi(w, False) * p) << _U16))
 
 
-@_inline
-def _scale_groups_cvt(src, group_list, params, out):
-    start = 0
-    rows = min(src.shape[0], out.shape[0])
-    for g in range(group_list.shape[0]):
-        expert, count = group_list[g, 0], group_list[g, 1]
-        if count == 0:
-            break
-        if expert < 0 or expert >= params.shape[0] or count < 0 or start + count > rows:
-            return -1 - g
-        _scale_rows_cvt(src, start, start + count, params[expert], out)
-        start += count
-    return start
+_scale_groups_cvt = _group_walk(_scale_rows_cvt)
 
 
 @_jit
 def scale_groups_bf16_cvt(src, group_list, params, out):
     """scale_groups_bf16 rounding with AVX512-BF16 (BF16_CONVERT only): the same outputs, bit for bit."""
-    return _scale_groups_cvt(src, group_list, params, out)
+    return _scale_groups_cvt(src, group_list, params, False, out)
 
 
 @_jit
 def scale_groups_inplace_bf16_cvt(rows, group_list, params):
     """scale_groups_inplace_bf16 rounding with AVX512-BF16 (BF16_CONVERT only): the same outputs, bit for bit."""
-    return _scale_groups_cvt(rows, group_list, params, rows)
+    return _scale_groups_cvt(rows, group_list, params, False, rows)
 
 
 @_jit
