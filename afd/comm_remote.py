@@ -230,9 +230,6 @@ class StreamLink(AgentLink):
         self.rings += 1
         self.message(b"N", [], role_id.encode())  # (a stream cannot drop a message half sent: it waits, bounded)
 
-    def close(self) -> None:
-        self.sock.close()
-
 
 def _rows_of(raw: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, bool]:
     """(the bytes of raw[rows], owned): consecutive rows are sent from where they are (a link that keeps a body past
@@ -296,9 +293,6 @@ class RemoteWindow:
             return
         self._send_rows(t0, b"R", [header, index.tobytes()], *_rows_of(raw, src_index))
 
-    def _send_rows(self, t0: int, op: bytes, meta: list, body: np.ndarray, owned: bool) -> None:
-        self.link.serialize_ns += time.perf_counter_ns() - t0
-        self.link.put(op, meta, body, owned)
     def _send_rows(self, t0: int, op: bytes, meta: list, body: np.ndarray, owned: bool) -> None:
         self.link.serialize_ns += time.perf_counter_ns() - t0
         self.link.put(op, meta, body, owned)
@@ -594,10 +588,9 @@ class StreamServer:
         if opener is not None and op in (b"R", b"r"):
             st["transfer_ns"] += time.monotonic_ns() - t_send  # (one clock: both hosts are one machine)
         sock = conn[0]
-        replier = opener.replier(link, counter) if opener is not None else None
 
-        def answer(kind: bytes, seq: bytes, data: bytes) -> None:
-            data = data if replier is None else replier(kind, seq, data)
+        def answer(kind: bytes, seq: bytes, data: bytes) -> None:  # (a read's reply only: puts are not answered)
+            data = data if opener is None else opener.replier(link, counter)(kind, seq, data)
             comm_stream.send_all(sock, [comm_stream.head_bytes(kind, [seq], len(data)), data], SEND_TIMEOUT_S,
                                  f"the reply to {conn[2]}")
         try:

@@ -146,11 +146,7 @@ class SealOpener:
         if len(frames) < (5 if trusted else 4) or len(frames[2]) != _SEAL.size:
             raise KernelError("seal", "a message without the run's seal")
         op, seal = bytes(frames[1]), bytes(frames[2])
-        link_id, counter, t_send = _SEAL.unpack(seal)
-        known = self.links.get(link_id)
-        aead = known[0] if known else _aead(self.key, link_id)
-        if known and counter <= known[1]:
-            raise KernelError("seal", f"message {counter} of a link that is at {known[1]}: a replay")
+        link_id, counter, t_send, aead = self._fresh(seal)
         meta = frames[3:-2] if trusted else frames[3:-1]
         aad = _aad(op, seal, meta)
         try:
@@ -164,11 +160,7 @@ class SealOpener:
                 body = aead.decrypt(_nonce(_TO_AGENT, counter), frames[-1], aad)
         except InvalidTag:
             raise KernelError("seal", "a message that does not open under the run's key") from None
-        if known:
-            known[1] = counter
-        else:
-            self.links[link_id] = [aead, counter]
-        return [frames[0], op, *meta, body], self.replier(self.links[link_id], counter), t_send
+        return [frames[0], op, *meta, body], self.replier(self._opened(link_id, aead, counter), counter), t_send
 
     def open_head(self, op: bytes, seal: bytes, meta: list, body_len: int, tag: bytes) -> tuple[object, int, int]:
         """Stream wire: (link, counter, send time) of a head that opens under its link key with a fresh counter
@@ -176,20 +168,27 @@ class SealOpener:
         from cryptography.exceptions import InvalidTag
         if len(seal) != _SEAL.size or len(tag) != TAG_BYTES:
             raise KernelError("seal", "a message without the run's seal")
-        link_id, counter, t_send = _SEAL.unpack(seal)
-        known = self.links.get(link_id)
-        aead = known[0] if known else _aead(self.key, link_id)
-        if known and counter <= known[1]:
-            raise KernelError("seal", f"message {counter} of a link that is at {known[1]}: a replay")
+        link_id, counter, t_send, aead = self._fresh(seal)
         try:
             aead.decrypt(_nonce(_TO_AGENT, counter), tag, _aad(op, seal, meta) + _LEN.pack(body_len))
         except InvalidTag:
             raise KernelError("seal", "a message that does not open under the run's key") from None
-        if known:
-            known[1] = counter
-        else:
-            known = self.links[link_id] = [aead, counter]
-        return known, counter, t_send
+        return self._opened(link_id, aead, counter), counter, t_send
+
+    def _fresh(self, seal: bytes) -> tuple[bytes, int, int, object]:
+        """(link id, counter, send time, the link's cipher) of a seal whose counter is past its link's last one;
+        KernelError for a replay."""
+        link_id, counter, t_send = _SEAL.unpack(seal)
+        known = self.links.get(link_id)
+        if known and counter <= known[1]:
+            raise KernelError("seal", f"message {counter} of a link that is at {known[1]}: a replay")
+        return link_id, counter, t_send, known[0] if known else _aead(self.key, link_id)
+
+    def _opened(self, link_id: bytes, aead, counter: int) -> list:
+        """The link's [cipher, last counter] once its message `counter` opened (a link is known from its first)."""
+        link = self.links.setdefault(link_id, [aead, counter])
+        link[1] = counter
+        return link
 
     def open_body(self, link, counter: int, sealed, out) -> None:
         """Stream wire, the body of an opened head: encrypted, `sealed` (body + tag) decrypted into out; trusted,
