@@ -247,6 +247,9 @@ def main(argv=None):
     a = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*ended by run_flag = 0.*")
     rank, world = int(os.environ["RANK"]), a.attention + a.ffn
+    if int(os.environ.get("WORLD_SIZE", world)) != world:  # (else every rank waits 60 s for the missing ones)
+        raise SystemExit(f"--attention {a.attention} + --ffn {a.ffn} = {world} ranks, but torchrun started "
+                         f"WORLD_SIZE={os.environ['WORLD_SIZE']}: give --nproc-per-node {world}")
     torch.npu.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="gloo")  # the serving stack's world group (dist.get_rank(group) needs one)
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # a vLLM worker is not a torchelastic worker
